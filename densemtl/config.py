@@ -1,0 +1,358 @@
+"""Typed experiment configs: dataclasses filled from YAML files and dotted command-line overrides.
+
+A config file holds the sections below (all optional); every value is checked against the field's
+type, and unknown keys fail with the dotted key and the file named. Overrides look like
+``train.lr=1e-4`` or ``data.tasks=[semseg,depth]``: the value is parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from densemtl.errors import ConfigError
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded procedural scene dataset."""
+
+    height: int = 96
+    width: int = 128
+    num_train: int = 400
+    num_val: int = 100
+    num_test: int = 100
+    num_clips: int = 4
+    clip_length: int = 16
+    seed: int = 0
+    cache_dir: str | None = None  # default: $DENSEMTL_CACHE or ~/.cache/densemtl
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["synthetic", "nyud", "pascal"] = "synthetic"
+    root: str | None = None
+    tasks: list[str] = field(default_factory=lambda: ["semseg", "depth", "normals", "edge"])
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: list[int] | None = None  # (H, W) training crop; None keeps the native size
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    flip: bool = True
+    batch_size: int = 8
+    eval_batch_size: int = 8
+    num_workers: int = 0
+    on_bad_sample: Literal["error", "skip"] = "error"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["multitask", "single", "mtcp", "sharing"] = "multitask"
+    backbone: str = "resnet"
+    backbone_args: dict[str, Any] = field(default_factory=dict)  # passed to the HF config
+    pretrained: str | None = None  # hub name or local folder; None = random init, no download
+    feature_layers: list[int] | None = None  # for plain ViTs: which blocks feed the neck
+    neck_channels: int = 64
+    head_channels: int = 64
+
+
+@dataclass
+class LossConfig:
+    weights: dict[str, float] = field(default_factory=dict)  # per task; missing = the task's default
+    normals_loss: Literal["l1", "cosine"] = "l1"
+    balancer: str = "fixed"
+    balancer_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    poly_power: float = 0.9
+    warmup_steps: int = 50
+    grad_clip: float | None = 1.0
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    accumulate: int = 1
+    ema_decay: float = 0.0  # 0 disables the EMA of weights
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 250
+    checkpoint_every: int = 250
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    boundary_max_dist: float | None = None  # fraction of the diagonal; None = the dataset's protocol
+    boundary_thresholds: int = 99
+    boundary_matcher: Literal["exact", "bsds"] = "exact"
+    boundary_during_training: bool = True
+    saliency_thresholds: int = 19
+
+
+@dataclass
+class ContrastiveConfig:
+    """Cross-task contrastive regularization (training only)."""
+
+    enabled: bool = False
+    weight: float = 0.1
+    loss: Literal["triplet", "infonce"] = "infonce"
+    margin: float = 0.3
+    temperature: float = 0.1
+    num_pixels: int = 256
+    projector_dim: int = 64
+    depth_positive: float = 0.05  # relative depth difference under which two pixels are positives
+    depth_negative: float = 0.2  # and over which they are negatives
+    normals_positive_deg: float = 10.0
+    normals_negative_deg: float = 30.0
+
+
+@dataclass
+class MTCPConfig:
+    """Multi-task coherence and prioritization (cross-task fusion, trace-back)."""
+
+    attention_size: int | None = 16  # CFM position attention on a grid of at most this side; None = full
+    consistency_weight: float = 0.0
+    traceback_weight: float = 0.5
+
+
+@dataclass
+class SharingConfig:
+    """Computation sharing between a base task and sub-tasks, across tasks and video frames."""
+
+    base_task: str = "semseg"
+    l0_weight: float = 1e-4
+    activation_weight: float = 1e-3
+    threshold: float = 0.15
+    keyframe_interval: int = 4
+    temporal_threshold: float = 0.15
+    temporal_weight: float = 0.0
+    phase_steps: list[int] = field(default_factory=lambda: [400, 300, 150, 150])
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    mtcp: MTCPConfig = field(default_factory=MTCPConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    name: str = "experiment"
+    out_dir: str = "runs/experiment"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it converted (int -> float, list -> dc)."""
+
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"{source}: key '{key}': {why}")
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key, source)
+            except ConfigError:
+                continue
+        raise fail(f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise fail(f"expected one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail(f"expected a mapping, got {value!r}")
+        return _build(tp, value, key, source)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise fail(f"expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail(f"expected a mapping, got {value!r}")
+        return {
+            _convert(args[0], k, key, source): _convert(args[1], v, f"{key}.{k}", source)
+            for k, v in value.items()
+        }
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail(f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail(f"expected a string, got {value!r}")
+        return value
+    raise fail(f"unsupported field type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{source}: unknown key '{dotted}' (known keys here: {known})")
+        kwargs[key] = _convert(hints[key], value, dotted, source)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain data (for YAML dumps, checkpoints and result files)."""
+    return dataclasses.asdict(config)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=1e-4", "data.tasks=[semseg,depth]"]`` into a nested dict (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from None
+        _set_dotted(data, key.strip(), value)
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file, following an optional ``base: other.yaml`` key (relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
+    config = _build(Config, data, "", source)
+    validate(config, source)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        source += " + overrides"
+    return from_dict(data, source)
+
+
+def validate(config: Config, source: str = "<config>") -> None:
+    """Checks on values (beyond types) that would otherwise fail deep inside training."""
+    from densemtl.tasks import TASKS
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{source}: key '{key}': {why}")
+
+    if not config.data.tasks:
+        fail("data.tasks", "at least one task is needed")
+    for name in config.data.tasks:
+        if name not in TASKS:
+            fail("data.tasks", f"unknown task '{name}' (known: {', '.join(TASKS)})")
+    if len(set(config.data.tasks)) != len(config.data.tasks):
+        fail("data.tasks", "a task is listed twice")
+    for name in config.loss.weights:
+        if name not in TASKS:
+            fail(f"loss.weights.{name}", f"unknown task (known: {', '.join(TASKS)})")
+    if config.data.crop_size is not None and (
+        len(config.data.crop_size) != 2 or min(config.data.crop_size) <= 0
+    ):
+        fail("data.crop_size", "expected [height, width] with positive values")
+    lo, hi = (config.data.scale_range + [None, None])[:2]
+    if len(config.data.scale_range) != 2 or not 0 < lo <= hi:
+        fail("data.scale_range", "expected [min, max] with 0 < min <= max")
+    positive = {
+        "data.batch_size": config.data.batch_size,
+        "data.eval_batch_size": config.data.eval_batch_size,
+        "train.steps": config.train.steps,
+        "train.accumulate": config.train.accumulate,
+        "train.log_every": config.train.log_every,
+        "train.eval_every": config.train.eval_every,
+        "train.checkpoint_every": config.train.checkpoint_every,
+        "eval.boundary_thresholds": config.eval.boundary_thresholds,
+        "data.synthetic.height": config.data.synthetic.height,
+        "data.synthetic.width": config.data.synthetic.width,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            fail(key, f"must be positive, got {value}")
+    if config.train.lr <= 0:
+        fail("train.lr", f"must be positive, got {config.train.lr}")
+    if not 0 <= config.train.ema_decay < 1:
+        fail("train.ema_decay", f"must be in [0, 1), got {config.train.ema_decay}")
+    if config.data.num_workers < 0:
+        fail("data.num_workers", "must be >= 0")
+    if config.data.dataset != "synthetic" and not config.data.root:
+        fail("data.root", f"dataset '{config.data.dataset}' needs the folder holding it")
+    if config.model.arch == "sharing" and config.sharing.base_task not in config.data.tasks:
+        fail("sharing.base_task", f"'{config.sharing.base_task}' is not one of data.tasks")

@@ -1,0 +1,1 @@
+"""Training objectives beyond the per-task losses: balancing schemes and regularizers."""

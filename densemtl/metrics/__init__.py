@@ -1,0 +1,1 @@
+"""Stateful evaluation metrics following the published protocols (update / compute / reset / sync)."""

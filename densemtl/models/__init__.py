@@ -1,0 +1,1 @@
+"""Networks: backbones, decoders, the baselines and the three methods' architectures."""
