@@ -57,11 +57,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from densemtl.engine.predict import predict_images, predict_video
-
     if args.video:
+        from densemtl.engine.video import predict_video
+
         predict_video(Path(args.checkpoint), Path(args.images[0]), Path(args.out))
     else:
+        from densemtl.engine.predict import predict_images
+
         predict_images(Path(args.checkpoint), [Path(p) for p in args.images], Path(args.out))
     return 0
 
