@@ -82,6 +82,17 @@ def _as_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(value)
 
 
+def _plane(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    """One H x W map from a tensor or array shaped H x W, 1 x H x W or 1 x 1 x H x W."""
+    array = _as_numpy(value)
+    return array.reshape(array.shape[-2:])
+
+
+def _normals_array(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = _as_numpy(value)
+    return array.reshape(3, *array.shape[-2:])
+
+
 def _read_png(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
@@ -168,12 +179,12 @@ class ClassMapTask(Task):
         return ConfusionMetric(self.num_classes, class_names=self.class_names)
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
-        labels = _as_numpy(value).astype(np.int64).reshape(_as_numpy(value).shape[-2:])
+        labels = _plane(value).astype(np.int64)
         return _PALETTE[np.clip(labels, 0, 255)]
 
     def save(self, prediction: torch.Tensor | np.ndarray, stem: Path) -> Path:
         path = stem.with_suffix(".png")
-        labels = _as_numpy(prediction).reshape(_as_numpy(prediction).shape[-2:])
+        labels = _plane(prediction)
         Image.fromarray(labels.astype(np.uint8)).save(path)
         return path
 
@@ -216,12 +227,12 @@ class DepthTask(Task):
         return DepthMetric()
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
-        depth = _as_numpy(value).reshape(_as_numpy(value).shape[-2:])
+        depth = _plane(value)
         return colour_ramp(depth, depth > 0)
 
     def save(self, prediction: torch.Tensor | np.ndarray, stem: Path) -> Path:
         path = stem.with_suffix(".npy")
-        np.save(path, _as_numpy(prediction).reshape(_as_numpy(prediction).shape[-2:]).astype(np.float32))
+        np.save(path, _plane(prediction).astype(np.float32))
         return path
 
     def load(self, path: Path) -> torch.Tensor:
@@ -271,14 +282,11 @@ class NormalsTask(Task):
         return NormalsMetric()
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
-        normals = _as_numpy(value).reshape(3, *_as_numpy(value).shape[-2:])
-        return encode_normals(normals)
+        return encode_normals(_normals_array(value))
 
     def save(self, prediction: torch.Tensor | np.ndarray, stem: Path) -> Path:
         path = stem.with_suffix(".png")
-        Image.fromarray(encode_normals(_as_numpy(prediction).reshape(3, *_as_numpy(prediction).shape[-2:]))).save(
-            path
-        )
+        Image.fromarray(encode_normals(_normals_array(prediction))).save(path)
         return path
 
     def load(self, path: Path) -> torch.Tensor:
@@ -312,13 +320,14 @@ def decode_normals(rgb: np.ndarray) -> np.ndarray:
     return normals
 
 
-def _balanced_bce(raw: torch.Tensor, target: torch.Tensor, pos_weight: float) -> torch.Tensor:
+def _masked_bce(raw: torch.Tensor, target: torch.Tensor, pos_weight: float | None) -> torch.Tensor:
+    """BCE over non-ignored pixels; with ``pos_weight`` positives count ``w`` and negatives ``1 - w``."""
     valid = target != IGNORE_INDEX
     label = torch.where(valid, target, torch.zeros_like(target)).float()
-    raw = raw.float()
-    per_pixel = F.binary_cross_entropy_with_logits(raw, label, reduction="none")
-    weight = label * pos_weight + (1 - label) * (1 - pos_weight)
-    return _valid_mean(per_pixel * weight, valid)
+    per_pixel = F.binary_cross_entropy_with_logits(raw.float(), label, reduction="none")
+    if pos_weight is not None:
+        per_pixel = per_pixel * (label * pos_weight + (1 - label) * (1 - pos_weight))
+    return _valid_mean(per_pixel, valid)
 
 
 @dataclass(frozen=True)
@@ -329,13 +338,13 @@ class ProbabilityMapTask(Task):
         return torch.sigmoid(raw.float())
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
-        array = _as_numpy(value).astype(np.float32).reshape(_as_numpy(value).shape[-2:])
+        array = _plane(value).astype(np.float32)
         grey = np.where(array == IGNORE_INDEX, 0.5, np.clip(array, 0, 1))
         return np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2)
 
     def save(self, prediction: torch.Tensor | np.ndarray, stem: Path) -> Path:
         path = stem.with_suffix(".png")
-        array = _as_numpy(prediction).astype(np.float32).reshape(_as_numpy(prediction).shape[-2:])
+        array = _plane(prediction).astype(np.float32)
         Image.fromarray(np.clip(np.rint(array * 255), 0, 255).astype(np.uint8)).save(path)
         return path
 
@@ -357,7 +366,7 @@ class EdgeTask(ProbabilityMapTask):
     pos_weight: float = 0.95
 
     def loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return _balanced_bce(raw, target, self.pos_weight)
+        return _masked_bce(raw, target, self.pos_weight)
 
     def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
         from densemtl.metrics.boundary import BoundaryMetric
@@ -377,7 +386,7 @@ class SaliencyTask(ProbabilityMapTask):
     primary_metric: ClassVar[str] = "maxF"
 
     def loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return _balanced_bce(raw, target, 0.5) * 2.0
+        return _masked_bce(raw, target, pos_weight=None)
 
     def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
         from densemtl.metrics.saliency import SaliencyMetric
