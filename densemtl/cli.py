@@ -15,21 +15,24 @@ from densemtl.errors import UserError
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from densemtl.config import load_config
-    from densemtl.engine.train import run_training
 
     config = load_config(args.config, args.overrides)
     if args.out:
         config.out_dir = args.out
+    from densemtl.engine.train import run_training
+
     run_training(config, resume=args.resume)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if not (args.predictions or args.checkpoint):
+        raise UserError("evaluate needs --checkpoint CKPT or --predictions DIR")
+    if args.predictions and not (args.dataset and args.root):
+        raise UserError("evaluate --predictions needs --dataset and --root")
     from densemtl.engine.evaluate import evaluate_checkpoint, evaluate_predictions
 
     if args.predictions:
-        if not (args.dataset and args.root):
-            raise UserError("evaluate --predictions needs --dataset and --root")
         evaluate_predictions(
             Path(args.predictions),
             dataset=args.dataset,
@@ -41,7 +44,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             per_class=args.per_class,
             report_all=args.all_errors,
         )
-    elif args.checkpoint:
+    else:
         evaluate_checkpoint(
             Path(args.checkpoint),
             data_config=args.data,
@@ -51,8 +54,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             out=Path(args.out) if args.out else None,
             per_class=args.per_class,
         )
-    else:
-        raise UserError("evaluate needs --checkpoint CKPT or --predictions DIR")
     return 0
 
 
