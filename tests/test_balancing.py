@@ -1,0 +1,195 @@
+"""Loss balancers: the weights they report are the ones the back-propagated total carries."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from densemtl.config import LossConfig
+from densemtl.errors import ConfigError
+from densemtl.losses.balancing import BALANCERS, build_balancer, lps_spread
+
+TASKS = ["semseg", "depth", "edge"]
+
+
+def _config(balancer: str, **args) -> LossConfig:
+    return LossConfig(balancer=balancer, balancer_args=args)
+
+
+def _scripted(balancer, values: list[list[float]], start_step: int = 0) -> dict[str, float]:
+    """Feed constant losses (one list per step) and return the weights of the last call."""
+    weights = {}
+    for i, row in enumerate(values):
+        losses = {t: torch.tensor(v) for t, v in zip(TASKS, row, strict=True)}
+        _, weights = balancer.combine(losses, start_step + i)
+    return weights
+
+
+def test_unknown_balancer_names_key_and_known():
+    with pytest.raises(ConfigError) as err:
+        build_balancer(_config("nope"), TASKS)
+    message = str(err.value)
+    assert "loss.balancer" in message and "nope" in message
+    for name in ("fixed", "uncertainty", "dwa", "gradnorm", "lps"):
+        assert name in message
+
+
+def test_bad_args_and_weights_are_config_errors():
+    with pytest.raises(ConfigError, match="loss.balancer_args.speed"):
+        build_balancer(_config("lps", speed=2), TASKS)
+    with pytest.raises(ConfigError, match="loss.balancer_args.window"):
+        build_balancer(_config("lps", window=2.5), TASKS)
+    with pytest.raises(ConfigError, match="loss.weights"):
+        build_balancer(LossConfig(weights={"saliency": 1.0}), TASKS)
+
+
+def test_fixed_uses_task_defaults_and_overrides():
+    _, weights = build_balancer(LossConfig(), TASKS).combine({t: torch.tensor(1.0) for t in TASKS}, 0)
+    assert weights == {"semseg": 1.0, "depth": 1.0, "edge": 50.0}
+    config = LossConfig(weights={"edge": 5.0})
+    total, weights = build_balancer(config, TASKS).combine({t: torch.tensor(2.0) for t in TASKS}, 0)
+    assert weights["edge"] == 5.0 and total.item() == pytest.approx(2.0 * (1 + 1 + 5))
+
+
+def test_window_defaults_to_engine_epoch():
+    assert build_balancer(_config("lps"), TASKS, steps_per_epoch=7).window == 7
+    assert build_balancer(_config("lps", window=3), TASKS, steps_per_epoch=7).window == 3
+
+
+def _perturb(balancer) -> None:
+    """Move every scheme's weights away from uniform so the test can tell them apart."""
+    with torch.no_grad():
+        if hasattr(balancer, "log_vars"):
+            balancer.log_vars.copy_(torch.tensor([0.5, -1.0, 0.2]))
+        if hasattr(balancer, "task_weights"):
+            balancer.task_weights.copy_(torch.tensor([0.5, 2.0, 0.5]))
+        if hasattr(balancer, "weights") and isinstance(balancer.weights, torch.Tensor):
+            balancer.weights.copy_(torch.tensor([0.3, 2.2, 0.5]))
+
+
+@pytest.mark.parametrize("name", sorted(BALANCERS))
+def test_weights_act_on_the_backpropagated_gradient(name):
+    """Engine path: backward() on the total gives each head w_t times its own loss gradient."""
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    heads = nn.ModuleDict({t: nn.Linear(4, 1) for t in TASKS})
+    x = torch.randn(8, 4)
+    targets = {t: torch.randn(8, 1) for t in TASKS}
+    balancer = build_balancer(LossConfig(balancer=name, weights={"edge": 3.0}), TASKS)
+    _perturb(balancer)
+
+    def losses():
+        feature = torch.relu(shared(x))
+        return {t: ((heads[t](feature) - targets[t]) ** 2).mean() for t in TASKS}
+
+    reference = {}
+    values = {}
+    for t in TASKS:
+        heads.zero_grad()
+        loss = losses()[t]
+        loss.backward()
+        reference[t] = heads[t].weight.grad.clone()
+        values[t] = loss.item()
+    heads.zero_grad()
+    total, weights = balancer.combine(losses(), step=0, shared_parameters=list(shared.parameters()))
+    total.backward()
+    assert len({round(w, 6) for w in weights.values()}) > 1
+    for t in TASKS:
+        factor = weights[t]
+        if name == "lps":  # log projection: d log(1 + b L) = b dL / (1 + b L)
+            base = balancer.base[TASKS.index(t)].item()
+            factor *= base / (1 + base * values[t])
+        torch.testing.assert_close(heads[t].weight.grad, factor * reference[t], rtol=1e-4, atol=1e-7)
+
+
+def test_lps_follows_the_formula_on_a_scripted_history():
+    balancer = build_balancer(_config("lps", window=2, projection="none", spread=1.6), TASKS)
+    balancer.base.fill_(1.0)
+    history = [[2.0, 1.0, 1.0]] * 2 + [[1.0, 1.0, 0.5]] * 2 + [[0.5, 1.0, 0.25]] * 2
+    # first window: weights stay 1 until it closes
+    assert _scripted(balancer, history[:2]) == pytest.approx({t: 1.0 for t in TASKS})
+    # second window starts: w = L_tot / L_t of window 1, spread, normalised
+    weights = _scripted(balancer, history[2:4], start_step=2)
+    first = torch.tensor([4 / 2, 4 / 1, 4 / 1], dtype=torch.float64)
+    expected = lps_spread(first, 1.6, 0.05)
+    assert list(weights.values()) == pytest.approx(expected.tolist())
+    # third window: ratio of window 2 to window 1 over the total's ratio
+    weights = _scripted(balancer, history[4:5], start_step=4)
+    ratio = torch.tensor([1 / 2, 1 / 1, 0.5 / 1], dtype=torch.float64) / (2.5 / 4)
+    mean = ratio.mean()
+    spread = mean + 1.6 * (ratio - mean)
+    expected = spread * 3 / spread.sum()
+    assert list(weights.values()) == pytest.approx(expected.tolist())
+    assert sum(weights.values()) == pytest.approx(3.0)
+    # depth's loss stalled while the others halved: it gets the largest weight
+    assert weights["depth"] == max(weights.values()) and weights["depth"] > 1.0
+
+
+def test_lps_clips_to_positive_and_log_projection():
+    spread = lps_spread(torch.tensor([0.1, 1.0, 3.0]), 7.5, 0.05)
+    assert (spread > 0).all() and spread.sum().item() == pytest.approx(3.0)
+    balancer = build_balancer(_config("lps", window=1), TASKS)
+    losses = {"semseg": torch.tensor(2.0), "depth": torch.tensor(0.5), "edge": torch.tensor(0.01)}
+    total, _ = balancer.combine(losses, 0)
+    expected = math.log1p(2.0) + math.log1p(0.5) + math.log1p(50 * 0.01)
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dwa_formula():
+    balancer = build_balancer(_config("dwa", window=1, temperature=2.0), TASKS)
+    balancer.base.fill_(1.0)
+    weights = _scripted(balancer, [[1.0, 1.0, 1.0], [0.5, 1.0, 0.8], [0.4, 1.0, 0.8]])
+    ratio = torch.tensor([0.5, 1.0, 0.8])
+    expected = 3 * torch.softmax(ratio / 2.0, dim=0)
+    assert list(weights.values()) == pytest.approx(expected.tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lps", "dwa"])
+def test_state_dict_resumes_exactly(name):
+    history = [[2.0, 1.0, 0.5], [1.5, 1.0, 0.4], [1.0, 1.0, 0.3], [0.8, 0.9, 0.3], [0.6, 0.9, 0.2]]
+    straight = build_balancer(_config(name, window=1), TASKS)
+    full = _scripted(straight, history)
+    first = build_balancer(_config(name, window=1), TASKS)
+    _scripted(first, history[:3])
+    resumed = build_balancer(_config(name, window=1), TASKS)
+    resumed.load_state_dict(first.state_dict())
+    assert _scripted(resumed, history[3:], start_step=3) == pytest.approx(full)
+    assert full != pytest.approx({t: full["semseg"] for t in TASKS})
+
+
+def test_uncertainty_log_variances_learn():
+    balancer = build_balancer(_config("uncertainty"), TASKS)
+    optimizer = torch.optim.SGD(balancer.parameters(), lr=0.1)
+    losses = {"semseg": torch.tensor(5.0), "depth": torch.tensor(0.1), "edge": torch.tensor(0.02)}
+    total, _ = balancer.combine(losses, 0)
+    total.backward()
+    optimizer.step()
+    _, weights = balancer.combine(losses, 1)
+    # the task with the largest weighted loss (semseg 5 vs depth 0.1, edge 50 * 0.02) is down-weighted
+    assert weights["semseg"] < 1.0 and weights["depth"] > 1.0
+
+
+def test_gradnorm_needs_shared_parameters_and_equalises():
+    balancer = build_balancer(LossConfig(balancer="gradnorm", weights={t: 1.0 for t in TASKS}), TASKS)
+    with pytest.raises(ConfigError, match="shared"):
+        balancer.combine({t: torch.tensor(1.0, requires_grad=True) for t in TASKS}, 0)
+    shared = nn.Parameter(torch.ones(3))
+    scale = torch.tensor([1.0, 4.0, 1.0])  # depth's gradient on the shared layer is 4x larger
+    optimizer = torch.optim.SGD(balancer.parameters(), lr=0.05)
+    for step in range(20):
+        out = shared * scale
+        losses = {t: out[i] ** 2 / 2 for i, t in enumerate(TASKS)}
+        optimizer.zero_grad()
+        total, weights = balancer.combine(losses, step, [shared])
+        total.backward()
+        optimizer.step()
+    assert weights["depth"] < weights["semseg"] and sum(weights.values()) == pytest.approx(3.0, rel=1e-4)
+
+
+def test_balancer_params_in_state_dict():
+    names = set(build_balancer(_config("gradnorm"), TASKS).state_dict())
+    assert {"task_weights", "initial_losses", "started"} <= names
+    assert "log_vars" in build_balancer(_config("uncertainty"), TASKS).state_dict()
