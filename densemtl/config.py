@@ -54,7 +54,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: Literal["multitask", "single", "mtcp", "sharing"] = "multitask"
-    backbone: str = "resnet"
+    backbone: str = "resnet-tiny"  # a family or preset of densemtl/models/backbones.py
     backbone_args: dict[str, Any] = field(default_factory=dict)  # passed to the HF config
     pretrained: str | None = None  # hub name or local folder; None = random init, no download
     feature_layers: list[int] | None = None  # for plain ViTs: which blocks feed the neck
