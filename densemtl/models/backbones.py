@@ -204,18 +204,24 @@ def build_backbone(model_config: ModelConfig) -> Backbone:
     family = FAMILIES[family_name]
     config_class = getattr(transformers, family.config_class)
     model_class = getattr(transformers, family.model_class)
+    unknown = sorted(set(model_config.backbone_args) - set(config_class().to_dict()))
+    if unknown:
+        raise ConfigError(
+            f"model.backbone_args: {', '.join(unknown)} not fields of {family.config_class} (backbone '{name}')"
+        )
     overrides = {**family.fixed, **dict(model_config.backbone_args)}
-    try:
-        if model_config.pretrained:
+    if model_config.pretrained:
+        try:
             config = config_class.from_pretrained(model_config.pretrained, **overrides)
             model = model_class.from_pretrained(model_config.pretrained, config=config, **family.model_kwargs)
-        else:
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.pretrained: cannot load '{model_config.pretrained}': {err}") from None
+    else:
+        try:
             config = config_class(**{**preset_args, **overrides})
             model = model_class(config, **family.model_kwargs)
-    except OSError as err:
-        raise ConfigError(f"model.pretrained: cannot load '{model_config.pretrained}': {err}") from None
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model.backbone_args: invalid for backbone '{name}': {err}") from None
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ConfigError(f"model.backbone_args: invalid for backbone '{name}': {err}") from None
     if family.kind == "backbone":
         return HFBackbone(model)
     if family.kind == "hidden":
