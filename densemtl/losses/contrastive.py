@@ -1,0 +1,316 @@
+"""Cross-task contrastive regularization (Yang, Ye, Xu; AAAI 2023): training only, free at inference.
+
+Each call, every target task ``t`` draws a source task ``s != t``. A projector owned by the pair
+``(t, s)`` (a 1x1-conv MLP with an L2-normalised output) embeds ``t``'s decoder features at pixels
+sampled from the batch, and ``s``'s ground truth decides which pairs of those pixels must embed close
+(positives) and which far apart (negatives). So each decoder is pushed to carry the structure of the
+other tasks' labels, while the projectors are dropped at inference: the model itself is unchanged.
+
+Choices the paper leaves open (all in ``config.contrastive``):
+
+- **Where pixels are sampled.** The source labels are brought to the decoder feature grid by nearest
+  neighbour (each cell takes the label at its centre pixel), so a sampled feature vector and its label
+  describe the same place exactly; bilinear reads of the features at label positions would blend
+  neighbouring cells across object borders, where no feature can be consistent with both sides.
+  ``num_pixels`` cells per image are drawn without replacement, only among valid source labels (never
+  255 labels, depth 0, zero normals, nor padding, which carries those fill values). For class-like
+  sources each cell is weighted by ``1 / (cells of its class in the image)``, so every present class
+  gets about the same share. The projector runs on the sampled vectors only: the same 1x1-conv MLP as
+  on the whole embedding map, at a cost proportional to the samples instead of the map.
+- **Pairs** are formed between all samples of the batch (across images too; a pixel is never its own
+  positive). Class-like sources (semseg, human_parts; edge and saliency binarised at 0.5): same class =
+  positive, otherwise negative. Depth: relative difference ``|a - b| / min(a, b)`` under
+  ``depth_positive`` = positive, over ``depth_negative`` = negative, between = ignored. Normals: angle under
+  ``normals_positive_deg`` = positive, over ``normals_negative_deg`` = negative, between = ignored.
+- **Losses** on cosine similarities of the unit embeddings; an anchor counts only when it has at least
+  one positive and one negative. ``infonce``: supervised-contrastive with several positives, each
+  positive contrasted against all the anchor's negatives,
+  ``mean_p softplus(logsumexp_n(s_an / T) - s_ap / T)``, which tends to zero for label-consistent
+  embeddings. ``triplet``: batch-hard, ``relu(max_p d_ap - min_n d_an + margin)`` with ``d = 1 - cos``,
+  exactly zero once every positive is closer than every negative by the margin.
+- **Total**: ``weight`` x the mean over target tasks that had at least one usable anchor; a batch
+  with none gives a zero that still carries a graph (so ``backward`` works).
+- **Randomness** (source draws and samples) comes from the ``generator`` passed in, or else from a
+  generator seeded with ``(seed, call count)``; the count is a buffer, saved with the state dict, so a
+  resumed run draws what an uninterrupted one would, and the global RNG stream is left untouched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densemtl.config import ContrastiveConfig
+from densemtl.errors import ConfigError
+from densemtl.tasks import IGNORE_INDEX, ClassMapTask, DepthTask, NormalsTask, ProbabilityMapTask, Task
+
+Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # batch index, row, column (each N long)
+
+
+class LabelRelation:
+    """How one source task's ground truth marks pixels valid, balances samples and relates pixel pairs."""
+
+    def valid(self, target: torch.Tensor) -> torch.Tensor:
+        """B x H x W bool: pixels that may be sampled."""
+        raise NotImplementedError
+
+    def classes(self, target: torch.Tensor) -> torch.Tensor | None:
+        """B x H x W long class ids for class-balanced sampling, or None to sample uniformly."""
+        return None
+
+    def values(self, target: torch.Tensor, sample: Sample) -> torch.Tensor:
+        """N x K label values at the sampled pixels."""
+        b, y, x = sample
+        if target.dim() == 3:
+            return target[b, y, x][:, None]
+        return target[b, :, y, x]
+
+    def relate(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """N x N bool (positive, negative) masks; the diagonal is in neither."""
+        raise NotImplementedError
+
+
+class ClassRelation(LabelRelation):
+    """Class maps (ignore 255) and binary probability maps (255 = ignore, binarised at 0.5)."""
+
+    def __init__(self, binary: bool) -> None:
+        self.binary = binary
+
+    def valid(self, target: torch.Tensor) -> torch.Tensor:
+        return _spatial(torch.isfinite(target) & (target != IGNORE_INDEX))
+
+    def classes(self, target: torch.Tensor) -> torch.Tensor:
+        labels = (target >= 0.5).long() if self.binary else target.long()
+        return _spatial(torch.where(self.valid(target).view_as(labels), labels, IGNORE_INDEX))
+
+    def values(self, target: torch.Tensor, sample: Sample) -> torch.Tensor:
+        return self.classes(target)[sample][:, None]
+
+    def relate(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        same = values[:, 0][:, None] == values[:, 0][None, :]
+        return _off_diagonal(same), ~same
+
+
+class DepthRelation(LabelRelation):
+    """Depth in metres (0 = invalid): close by relative difference = positive, far = negative."""
+
+    def __init__(self, positive: float, negative: float) -> None:
+        self.positive = positive
+        self.negative = negative
+
+    def valid(self, target: torch.Tensor) -> torch.Tensor:
+        return _spatial(torch.isfinite(target) & (target > 0))
+
+    def relate(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        depth = values[:, 0].float()
+        relative = (depth[:, None] - depth[None, :]).abs() / torch.minimum(depth[:, None], depth[None, :])
+        return _off_diagonal(relative < self.positive), relative > self.negative
+
+
+class NormalsRelation(LabelRelation):
+    """Unit normals (zero vector = invalid): small angle = positive, large angle = negative."""
+
+    def __init__(self, positive_deg: float, negative_deg: float) -> None:
+        self.cos_positive = math.cos(math.radians(positive_deg))
+        self.cos_negative = math.cos(math.radians(negative_deg))
+
+    def valid(self, target: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(target).all(dim=1) & (target.abs().sum(dim=1) > 0)
+
+    def relate(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        unit = F.normalize(values.float(), dim=1)
+        cosine = unit @ unit.T
+        return _off_diagonal(cosine > self.cos_positive), cosine < self.cos_negative
+
+
+def _spatial(mask: torch.Tensor) -> torch.Tensor:
+    """B x 1 x H x W or B x H x W -> B x H x W."""
+    return mask[:, 0] if mask.dim() == 4 else mask
+
+
+def _off_diagonal(mask: torch.Tensor) -> torch.Tensor:
+    return mask & ~torch.eye(mask.shape[0], dtype=torch.bool, device=mask.device)
+
+
+def build_relation(task: Task, config: ContrastiveConfig) -> LabelRelation:
+    """The relation for a source task; a task type without one is a configuration error."""
+    if isinstance(task, ClassMapTask):
+        return ClassRelation(binary=False)
+    if isinstance(task, ProbabilityMapTask):
+        return ClassRelation(binary=True)
+    if isinstance(task, DepthTask):
+        return DepthRelation(config.depth_positive, config.depth_negative)
+    if isinstance(task, NormalsTask):
+        return NormalsRelation(config.normals_positive_deg, config.normals_negative_deg)
+    raise ConfigError(f"contrastive: task '{task.name}' has no rule for positives and negatives")
+
+
+def sample_pixels(
+    relation: LabelRelation, target: torch.Tensor, num_pixels: int, generator: torch.Generator
+) -> Sample:
+    """Up to ``num_pixels`` distinct valid pixels per image, class-balanced where the source has classes.
+
+    Weighted sampling without replacement by exponential keys (Efraimidis-Spirakis): the top-k of
+    ``log(u) / w`` over each image; invalid pixels have weight zero and are never taken.
+    """
+    valid = relation.valid(target)
+    batch, height, width = valid.shape
+    weight = valid.flatten(1).float()
+    classes = relation.classes(target)
+    if classes is not None:
+        flat = classes.flatten(1).clamp(0, IGNORE_INDEX)
+        counts = torch.zeros(batch, IGNORE_INDEX + 1, device=flat.device).scatter_add_(1, flat, weight)
+        weight = weight / counts.gather(1, flat).clamp_min(1.0)
+    uniform = torch.rand(weight.shape, generator=generator, device=generator.device).to(weight.device)
+    keys = torch.where(weight > 0, uniform.clamp_min(1e-12).log() / weight, -math.inf)
+    top = keys.topk(min(num_pixels, height * width), dim=1)
+    b, k = torch.nonzero(torch.isfinite(top.values), as_tuple=True)
+    index = top.indices[b, k]
+    return b, torch.div(index, width, rounding_mode="floor"), index % width
+
+
+def labels_at(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour downsampling to the feature grid: each cell takes the label at its centre pixel.
+
+    Indexing (not interpolation) keeps label values exact: ignore values stay ignore values.
+    """
+    height, width = target.shape[-2:]
+    rows = ((torch.arange(size[0], device=target.device) + 0.5) * height / size[0]).long().clamp_max(height - 1)
+    cols = ((torch.arange(size[1], device=target.device) + 0.5) * width / size[1]).long().clamp_max(width - 1)
+    return target.index_select(-2, rows).index_select(-1, cols)
+
+
+def infonce_loss(
+    embedding: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, temperature: float
+) -> torch.Tensor | None:
+    """Multi-positive InfoNCE over unit embeddings; None when no anchor has both kinds of pair."""
+    anchors = positive.any(dim=1) & negative.any(dim=1)
+    if not anchors.any():
+        return None
+    logits = embedding[anchors] @ embedding.T / temperature
+    pos, neg = positive[anchors], negative[anchors]
+    negatives = logits.masked_fill(~neg, -math.inf).logsumexp(dim=1, keepdim=True)
+    per_pair = F.softplus(negatives - logits) * pos
+    return (per_pair.sum(dim=1) / pos.sum(dim=1)).mean()
+
+
+def triplet_loss(
+    embedding: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float
+) -> torch.Tensor | None:
+    """Batch-hard triplet loss on cosine distance; None when no anchor has both kinds of pair."""
+    anchors = positive.any(dim=1) & negative.any(dim=1)
+    if not anchors.any():
+        return None
+    distance = 1 - embedding[anchors] @ embedding.T
+    hardest_positive = distance.masked_fill(~positive[anchors], -math.inf).amax(dim=1)
+    hardest_negative = distance.masked_fill(~negative[anchors], math.inf).amin(dim=1)
+    return F.relu(hardest_positive - hardest_negative + margin).mean()
+
+
+class Projector(nn.Module):
+    """1x1-conv MLP (as a per-pixel linear map on sampled vectors) with an L2-normalised output."""
+
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_channels, in_channels), nn.ReLU(inplace=True), nn.Linear(in_channels, dim)
+        )
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.layers(vectors), dim=1)
+
+
+def _pair_key(target: str, source: str) -> str:
+    return f"{target}__from__{source}"
+
+
+class ContrastiveRegularizer(nn.Module):
+    """The weighted cross-task contrastive term; holds one projector per (target, source) pair."""
+
+    def __init__(self, config: ContrastiveConfig, tasks: dict[str, Task], feature_channels: dict[str, int]) -> None:
+        super().__init__()
+        _check(config, tasks, feature_channels)
+        self.config = config
+        self.task_names = list(tasks)
+        self.relations = {name: build_relation(task, config) for name, task in tasks.items()}
+        self.projectors = nn.ModuleDict(
+            {
+                _pair_key(target, source): Projector(feature_channels[target], config.projector_dim)
+                for target in tasks
+                for source in tasks
+                if source != target
+            }
+        )
+        self.seed = torch.initial_seed() if config.seed is None else config.seed
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.last_losses: dict[str, float] = {}  # "target<-source": unweighted loss of the last call
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device)
+        generator.manual_seed((self.seed * 1_000_003 + int(self.calls)) % 2**63)
+        return generator
+
+    def pair_loss(
+        self, target: str, source: str, features: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor | None:
+        """Unweighted loss of target's features against source's labels; None when the batch gives no anchor."""
+        relation = self.relations[source]
+        labels = labels_at(labels, tuple(features.shape[-2:]))
+        sample = sample_pixels(relation, labels, self.config.num_pixels, generator)
+        b, y, x = sample
+        embedding = self.projectors[_pair_key(target, source)](features[b, :, y, x].float())
+        positive, negative = relation.relate(relation.values(labels, sample))
+        if self.config.loss == "triplet":
+            return triplet_loss(embedding, positive, negative, self.config.margin)
+        return infonce_loss(embedding, positive, negative, self.config.temperature)
+
+    def forward(
+        self, features: dict[str, torch.Tensor], batch: dict, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``weight`` x mean over targets of the pair losses; a zero with a graph when nothing applies."""
+        missing = [name for name in self.task_names if name not in features or name not in batch]
+        if missing:
+            raise ConfigError(f"contrastive: no decoder features or labels for task(s) {', '.join(missing)}")
+        if generator is None:
+            generator = self._generator(next(iter(features.values())).device)
+        self.calls += 1
+        losses = []
+        self.last_losses = {}
+        for target in self.task_names:
+            others = [name for name in self.task_names if name != target]
+            source = others[int(torch.randint(len(others), (1,), generator=generator, device=generator.device))]
+            loss = self.pair_loss(target, source, features[target], batch[source], generator)
+            if loss is not None:
+                losses.append(loss)
+                self.last_losses[f"{target}<-{source}"] = float(loss.detach())
+        if not losses:
+            return sum(f.float().sum() for f in features.values()) * 0.0
+        return self.config.weight * torch.stack(losses).mean()
+
+
+def _check(config: ContrastiveConfig, tasks: dict[str, Task], feature_channels: dict[str, int]) -> None:
+    """Value checks that would otherwise surface as obscure tensor errors mid-training."""
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"contrastive.{key}: {why}")
+
+    if len(tasks) < 2:
+        fail("enabled", f"needs at least two tasks (a source differs from its target), got {list(tasks)}")
+    for name in tasks:
+        if name not in feature_channels:
+            fail("enabled", f"the model exposes no decoder features for task '{name}'")
+    if config.num_pixels < 2:
+        fail("num_pixels", f"must be at least 2, got {config.num_pixels}")
+    if config.projector_dim < 1:
+        fail("projector_dim", f"must be positive, got {config.projector_dim}")
+    if config.temperature <= 0:
+        fail("temperature", f"must be positive, got {config.temperature}")
+    if config.margin < 0:
+        fail("margin", f"must be >= 0, got {config.margin}")
+    if not 0 <= config.depth_positive <= config.depth_negative:
+        fail("depth_positive", "expected 0 <= depth_positive <= depth_negative")
+    if not 0 <= config.normals_positive_deg <= config.normals_negative_deg <= 180:
+        fail("normals_positive_deg", "expected 0 <= normals_positive_deg <= normals_negative_deg <= 180")
