@@ -113,6 +113,7 @@ class ContrastiveConfig:
     depth_negative: float = 0.2  # and over which they are negatives
     normals_positive_deg: float = 10.0
     normals_negative_deg: float = 30.0
+    seed: int | None = None  # source draws and pixel sampling; None = torch.initial_seed() when built
 
 
 @dataclass
