@@ -87,6 +87,8 @@ class TrainConfig:
     eval_every: int = 250
     checkpoint_every: int = 250
     device: str = "auto"
+    sync_bn: bool = True  # under DDP on GPUs: BatchNorm statistics over all ranks (SyncBN is GPU-only)
+    find_unused_parameters: bool = False  # DDP: set for models whose forward skips some parameters
 
 
 @dataclass

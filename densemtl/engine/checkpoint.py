@@ -1,0 +1,139 @@
+"""Checkpoints: written atomically, read back with ``torch.load(weights_only=True)``.
+
+A training checkpoint is a dict with ``config`` (plain dict), ``info`` (the dataset facts tasks need),
+``model``, ``optimizer``, ``scheduler``, ``scaler``, ``balancer``, ``ema`` (or None), ``rng``, ``step``,
+``data_position`` (``{"epoch", "batch"}``: the next batch to load) and ``best`` (the best-checkpoint
+bookkeeping). Everything in it is a tensor, a number, a string or a list/dict of those, so that loading
+never needs to unpickle arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from densemtl.config import Config
+from densemtl.data.base import DatasetInfo
+from densemtl.errors import UserError
+from densemtl.tasks import Task
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    An interrupted write therefore never leaves a truncated ``last.pt`` behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(state, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint on the CPU; a missing or unreadable file is a :class:`UserError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a readable checkpoint ({first_line})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{path}: not a densemtl checkpoint (no 'model' and 'config' entries)")
+    return state
+
+
+def info_to_dict(info: DatasetInfo) -> dict[str, Any]:
+    """The dataset facts as plain data, so a checkpoint can rebuild its tasks without the dataset."""
+    data = asdict(info)
+    data["tasks"] = list(info.tasks)
+    return data
+
+
+def info_from_dict(data: dict[str, Any]) -> DatasetInfo:
+    return DatasetInfo(**{**data, "tasks": tuple(data["tasks"])})
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) generator states as tensors and lists."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back the states taken by :func:`capture_rng`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class LoadedModel:
+    """A trained network rebuilt from a checkpoint, with what is needed to use its outputs."""
+
+    model: nn.Module
+    tasks: dict[str, Task]
+    config: Config
+    info: DatasetInfo
+    step: int
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the model of a training checkpoint in eval mode, with the EMA weights when it has them.
+
+    The EMA weights are the ones training validated, so they are the ones to predict with.
+    """
+    from densemtl.config import from_dict
+    from densemtl.models import build_model
+    from densemtl.tasks import build_tasks
+
+    state = load_checkpoint(path)
+    config = from_dict(state["config"], source=f"{path} (saved config)")
+    info = info_from_dict(state["info"])
+    tasks = build_tasks(config.data.tasks, info, config.loss.normals_loss)
+    model = build_model(config, info, tasks)
+    weights = state["ema"]["model"] if state.get("ema") else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise UserError(f"{path}: weights do not fit the saved config's model ({str(err).splitlines()[0]})") from None
+    return LoadedModel(model.to(device).eval(), tasks, config, info, int(state.get("step", 0)))

@@ -1,0 +1,67 @@
+"""``densemtl predict``: run a trained checkpoint on image files and write every task's map.
+
+For each image ``<name>.<ext>`` it writes ``out/<task>/<name>.<ext>`` in the task's on-disk encoding
+(:meth:`Task.save`: class-id PNG, depth ``.npy`` in metres, normals PNG, edge/saliency 8-bit PNG) and a
+colour panel ``out/panels/<name>.png`` (the image, then each task's colourised prediction).
+Images are processed one at a time at their native resolution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from densemtl.data.base import IMAGE_MEAN, IMAGE_STD
+from densemtl.engine.checkpoint import load_model
+from densemtl.errors import DataError, UserError
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An RGB uint8 H x W x 3 array; a missing or unreadable file is a :class:`DataError` naming it."""
+    if not path.is_file():
+        raise DataError(f"{path}: image not found")
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read image ({err})") from None
+
+
+def image_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """RGB uint8 H x W x 3 -> the model's normalised float 3 x H x W input."""
+    image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    return (image - mean) / std
+
+
+def predict_images(checkpoint: Path, images: list[Path], out: Path, device: str | None = None) -> list[Path]:
+    """Write the predictions of ``checkpoint`` for ``images`` under ``out``; returns the files written."""
+    stems = [Path(p).stem for p in images]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise UserError(f"predict: several images are named {', '.join(duplicates)}; outputs would overwrite")
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loaded = load_model(checkpoint, target)
+    out = Path(out)
+    for name in [*loaded.tasks, "panels"]:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for path in tqdm(images, desc="predict", unit="image"):
+        path = Path(path)
+        rgb = read_image(path)
+        with torch.no_grad():
+            raw = loaded.model(image_tensor(rgb)[None].to(target))["pred"]
+        pictures = [rgb]
+        for name, task in loaded.tasks.items():
+            prediction = task.predict(raw[name].float())[0].cpu()
+            written.append(task.save(prediction, out / name / path.stem))
+            pictures.append(task.colorize(prediction))
+        panel = out / "panels" / f"{path.stem}.png"
+        Image.fromarray(np.concatenate(pictures, axis=1)).save(panel)
+        written.append(panel)
+    return written

@@ -1,0 +1,581 @@
+"""Training: the step loop every method plugs into, and ``run_training`` for a whole run.
+
+:class:`Trainer` runs one phase: a model, the parameters it updates, an :class:`Objective` (plus an
+optional loss hook), a number of steps. It owns AdamW (no weight decay on norms and biases), the
+warm-up schedule, gradient clipping, mixed precision, gradient accumulation, the EMA of weights,
+exact resume (RNG states and the data position are checkpointed), DDP under torchrun, validation,
+logging (tqdm, TensorBoard, ``log.jsonl``) and the ``last.pt`` / ``best.pt`` checkpoints of its run
+directory. Multi-phase methods call it once per phase with their own run directory.
+
+The best checkpoint is the one with the highest mean normalised primary metric: for each task,
+``±(M_t - R_t) / |R_t|`` with ``R_t`` the task's primary metric at the first validation of the run and
+the sign making higher better; the mean over tasks is the delta_m of the run against its own start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from densemtl.config import Config, to_dict
+from densemtl.data.base import DatasetInfo, collate
+from densemtl.engine import distributed
+from densemtl.engine.checkpoint import capture_rng, info_to_dict, load_checkpoint, restore_rng, save_checkpoint
+from densemtl.engine.objective import Objective, build_objective, shared_parameters
+from densemtl.engine.schedule import build_scheduler
+from densemtl.errors import ConfigError, TrainingDiverged, UserError
+from densemtl.tasks import Task
+
+Results = dict[str, dict[str, float]]
+Evaluator = Callable[[nn.Module], Results]
+LossHook = Callable[[nn.Module, dict[str, Any], dict[str, Any]], dict[str, torch.Tensor]]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each data worker distinct NumPy/Python streams derived from its torch seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _move(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def parameter_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weight matrices and kernels, none on norms, biases and scalars."""
+    decay, no_decay, seen = [], [], set()
+    for param in params:
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class WeightEMA:
+    """Exponential moving average of a model's weights (buffers copied), evaluated instead of the model.
+
+    The decay ramps up as ``min(decay, (1 + t) / (10 + t))`` so short runs are not dominated by the
+    random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for ema, param in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema.lerp_(param.detach().to(ema.dtype), 1 - decay)
+        for ema, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
+            ema.copy_(buffer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
+def primary_score(results: Results, tasks: dict[str, Task], reference: Results) -> float:
+    """Mean over tasks of the signed relative change of the primary metric against ``reference``."""
+    changes = []
+    for name, task in tasks.items():
+        metric = task.primary_metric
+        if metric not in results.get(name, {}) or metric not in reference.get(name, {}):
+            continue
+        ref = reference[name][metric]
+        change = (results[name][metric] - ref) / max(abs(ref), 1e-8)
+        changes.append(-change if task.lower_is_better else change)
+    return float(np.mean(changes)) if changes else 0.0
+
+
+def format_results(results: Results, tasks: dict[str, Task] | None = None) -> str:
+    """A text table, one row per task: the primary metric first, then the others."""
+    rows = []
+    for name, metrics in results.items():
+        primary = tasks[name].primary_metric if tasks and name in tasks else None
+        keys = ([primary] if primary in metrics else []) + [k for k in metrics if k != primary]
+        cells = "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics[k], (int, float)))
+        rows.append(f"{name:<12} {cells}")
+    width = max((len(row) for row in rows), default=20)
+    return "\n".join(["results (one row per task)", "-" * width, *rows])
+
+
+class Trainer:
+    """One training phase of ``steps`` optimiser steps; see the module docstring.
+
+    ``parameters`` (default: the model's trainable ones) are what the optimiser updates, together with
+    the objective's own (balancer weights, regularizer projectors). ``loss_hook(model, output, batch)``
+    returns extra named loss terms added to the total. ``evaluator(model)`` returns
+    ``{task: {metric: value}}`` and is called on every rank every ``train.eval_every`` steps and at the
+    end (it must reduce its metrics across ranks). ``data.batch_size`` is per process.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        model: nn.Module,
+        objective: Objective,
+        train_set: Dataset,
+        run_dir: str | Path,
+        *,
+        info: DatasetInfo,
+        evaluator: Evaluator | None = None,
+        parameters: Iterable[nn.Parameter] | None = None,
+        steps: int | None = None,
+        loss_hook: LossHook | None = None,
+        sample_set: Dataset | None = None,
+        dist_info: distributed.DistInfo | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.config = config
+        self.train_cfg = config.train
+        self.run_dir = Path(run_dir)
+        self.info = info
+        self.steps = steps if steps is not None else config.train.steps
+        self.evaluator = evaluator
+        self.loss_hook = loss_hook
+        self.sample_set = sample_set
+        if dist_info is None or device is None:
+            dist_info, device = distributed.setup(config.train.device)
+        self.dist = dist_info
+        self.device = device
+        self.is_main = dist_info.is_main
+        self.tasks = objective.tasks
+
+        self.model = model.to(device)
+        self.objective = objective.to(device)
+        trainable = list(parameters) if parameters is not None else list(model.parameters())
+        own = {id(p) for p in trainable}
+        self._objective_params = [p for p in objective.parameters() if p.requires_grad and id(p) not in own]
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(trainable + self._objective_params, config.train.weight_decay), lr=config.train.lr
+        )
+        self.scheduler = build_scheduler(self.optimizer, config.train, self.steps)
+        self.autocast_dtype = self._autocast_dtype()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.amp == "fp16")
+        if dist_info.enabled:
+            if device.type == "cuda" and config.train.sync_bn:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = DistributedDataParallel(
+                self.model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=config.train.find_unused_parameters,
+            )
+        self.ema = WeightEMA(_unwrap(self.model), config.train.ema_decay) if config.train.ema_decay > 0 else None
+        self._shared = shared_parameters(self.model)
+
+        self.sampler = distributed.ResumableSampler(train_set, dist_info, seed=config.train.seed)
+        if self.sampler.num_samples < config.data.batch_size:
+            raise ConfigError(
+                f"key 'data.batch_size': {config.data.batch_size} is larger than the {self.sampler.num_samples} "
+                f"training samples each of the {dist_info.world_size} process(es) gets"
+            )
+        self.loader_generator = torch.Generator()
+        self.loader = DataLoader(
+            train_set,
+            batch_size=config.data.batch_size,
+            sampler=self.sampler,
+            num_workers=config.data.num_workers,
+            collate_fn=collate,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=_seed_worker,
+            generator=self.loader_generator,
+            persistent_workers=False,
+        )
+        self.step = 0
+        self.epoch = 0
+        self.batch_index = 0
+        self._iterator: Iterator | None = None
+        self.best: dict[str, Any] = {"score": None, "step": None, "reference": None}
+        self.last_results: Results | None = None
+        self.data_wait = 0.0
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _autocast_dtype(self) -> torch.dtype | None:
+        amp = self.train_cfg.amp
+        if amp == "none":
+            return None
+        if amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("key 'train.amp': fp16 needs a CUDA device; use bf16 (or none) on the CPU")
+        if amp == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("key 'train.amp': this GPU does not support bf16; use fp16")
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    # ------------------------------------------------------------------ data
+    def _next_batch(self) -> dict[str, Any]:
+        """The next training batch, crossing epochs forever; (epoch, batch_index) is the next one to load."""
+        start = time.perf_counter()
+        while True:
+            if self._iterator is None:
+                self.sampler.set_position(self.epoch, self.batch_index * self.config.data.batch_size)
+                self.loader_generator.manual_seed(self.train_cfg.seed * 100003 + self.epoch)
+                self._iterator = iter(self.loader)
+            try:
+                batch = next(self._iterator)
+                break
+            except StopIteration:
+                self._iterator = None
+                self.epoch += 1
+                self.batch_index = 0
+        self.batch_index += 1
+        self.data_wait += time.perf_counter() - start
+        return batch
+
+    # ------------------------------------------------------------------ one optimiser step
+    def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, dict, TrainingDiverged | None]:
+        try:
+            with self._autocast():
+                output = self.model(batch["image"])
+                extra = self.loss_hook(self.model, output, batch) if self.loss_hook else None
+                total, figures = self.objective(output, batch, self.step, self._shared, extra)
+            return total, figures, None
+        except TrainingDiverged as err:
+            return None, {}, err
+
+    def _agree_on_divergence(self, error: TrainingDiverged | None) -> None:
+        """All ranks stop together (before any backward all-reduce) when one of them diverged."""
+        flag = torch.tensor([0.0 if error is None else 1.0], device=self.device)
+        if distributed.all_reduce_sum(flag).item() > 0:
+            raise error or TrainingDiverged(
+                f"a non-finite loss on another rank at step {self.step}; stopped, the last good checkpoint is kept"
+            )
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step over ``train.accumulate`` micro-batches; returns the step's figures."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        accumulate = self.train_cfg.accumulate
+        sums: dict[str, float] = {}
+        for micro in range(accumulate):
+            batch = _move(self._next_batch(), self.device)
+            total, figures, error = self._forward_loss(batch)
+            if self.dist.enabled:
+                self._agree_on_divergence(error)
+            elif error is not None:
+                raise error
+            last = micro == accumulate - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
+            with sync:
+                self.scaler.scale(total / accumulate).backward()
+            for key, value in figures.items():
+                sums[key] = sums.get(key, 0.0) + float(value) / accumulate
+        self._sync_objective_grads()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.train_cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.train_cfg.grad_clip))
+        sums["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(_unwrap(self.model))
+        self.step += 1
+        return sums
+
+    def _sync_objective_grads(self) -> None:
+        """Average the gradients of parameters outside DDP (balancer, regularizer) over ranks."""
+        if not self.dist.enabled:
+            return
+        for param in self._objective_params:
+            if param.grad is not None:
+                param.grad.copy_(distributed.all_reduce_mean(param.grad))
+
+    # ------------------------------------------------------------------ evaluation
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else _unwrap(self.model)
+
+    def validate(self) -> tuple[Results | None, bool]:
+        """``(results, improved)``; runs the evaluator without touching the training RNG streams."""
+        if self.evaluator is None:
+            return None, False
+        state = capture_rng()
+        try:
+            model = self.eval_model
+            was_training = model.training
+            model.eval()
+            with torch.no_grad(), self._autocast():
+                results = self.evaluator(model)
+            model.train(was_training)
+        finally:
+            restore_rng(state)
+        self.last_results = results
+        if self.best["reference"] is None:
+            self.best["reference"] = results
+        score = primary_score(results, self.tasks, self.best["reference"])
+        improved = self.best["score"] is None or score > self.best["score"]
+        if improved:
+            self.best.update(score=score, step=self.step)
+        return results, improved
+
+    @torch.no_grad()
+    def sample_images(self) -> dict[str, np.ndarray]:
+        """Target | prediction pictures of the first sample of ``sample_set`` (for TensorBoard)."""
+        if self.sample_set is None or len(self.sample_set) == 0:
+            return {}
+        sample = self.sample_set[0]
+        model = self.eval_model
+        was_training = model.training
+        model.eval()
+        output = model(sample["image"][None].to(self.device))["pred"]
+        model.train(was_training)
+        pictures = {}
+        for name, task in self.tasks.items():
+            pred = task.predict(output[name].float())[0].cpu()
+            pictures[name] = np.concatenate([task.colorize(sample[name]), task.colorize(pred)], axis=1)
+        return pictures
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        rng = capture_rng()
+        rng_all = distributed.all_gather_objects(rng)
+        return {
+            "config": to_dict(self.config),
+            "info": info_to_dict(self.info),
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "balancer": self.objective.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": rng_all,
+            "step": self.step,
+            "steps": self.steps,
+            "data_position": {"epoch": self.epoch, "batch": self.batch_index},
+            "best": self.best,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        saved_model = state["config"].get("model")
+        if saved_model != to_dict(self.config)["model"] or state["info"].get("tasks") != list(self.info.tasks):
+            raise UserError(f"{source}: the checkpoint's model or tasks differ from the config; cannot resume")
+        _unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.objective.load_state_dict(state["balancer"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        rng = state["rng"]
+        restore_rng(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
+        self.step = state["step"]
+        self.epoch = state["data_position"]["epoch"]
+        self.batch_index = state["data_position"]["batch"]
+        self._iterator = None
+        self.best = state["best"]
+
+    def save(self, best: bool) -> None:
+        state = self.state_dict()
+        if self.is_main:
+            save_checkpoint(self.checkpoint_dir / "last.pt", state)
+            if best:
+                save_checkpoint(self.checkpoint_dir / "best.pt", state)
+        distributed.barrier()
+
+    def resume(self) -> None:
+        path = self.checkpoint_dir / "last.pt"
+        self.load_state_dict(load_checkpoint(path), str(path))
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False) -> Results | None:
+        """Train until ``steps``; returns the last validation results (None without an evaluator)."""
+        if resume:
+            self.resume()
+        logger = RunLogger(self.run_dir, self.is_main, fresh=not resume)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+        images_per_step = self.config.data.batch_size * self.train_cfg.accumulate * self.dist.world_size
+        bar = tqdm(total=self.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
+        window: dict[str, float] = {}
+        window_steps, window_start, self.data_wait = 0, time.perf_counter(), 0.0
+        try:
+            while self.step < self.steps:
+                figures = self.train_step()
+                for key, value in figures.items():
+                    window[key] = window.get(key, 0.0) + value
+                window_steps += 1
+                elapsed = time.perf_counter() - window_start
+                speed = window_steps * images_per_step / max(elapsed, 1e-9)
+                bar.update(1)
+                bar.set_postfix(
+                    {n: f"{figures[f'loss/{n}']:.3g}" for n in self.tasks if f"loss/{n}" in figures}
+                    | {"img/s": f"{speed:.1f}"},
+                    refresh=False,
+                )
+                at_end = self.step >= self.steps
+                if self.step % self.train_cfg.log_every == 0 or at_end:
+                    record = {k: v / window_steps for k, v in window.items()}
+                    record.update(
+                        {"images_per_s": speed, "data_wait_share": self.data_wait / max(elapsed, 1e-9),
+                         "epoch": self.epoch}
+                    )
+                    logger.scalars("train", self.step, record)
+                    window, window_steps, window_start, self.data_wait = {}, 0, time.perf_counter(), 0.0
+                evaluated = self.step % self.train_cfg.eval_every == 0 or at_end
+                improved = False
+                if evaluated:
+                    results, improved = self.validate()
+                    if results is not None:
+                        logger.results(self.step, results, self.best)
+                        logger.images(self.step, self.sample_images() if self.is_main else {})
+                        if self.is_main:
+                            write_results(self.run_dir, self.config, results, self.step, self.best)
+                if self.step % self.train_cfg.checkpoint_every == 0 or at_end or evaluated:
+                    self.save(best=improved)
+        finally:
+            bar.close()
+            logger.close()
+        return self.last_results
+
+
+class RunLogger:
+    """``log.jsonl`` (every figure, one JSON object a line) and TensorBoard scalars/images; rank 0 only."""
+
+    def __init__(self, run_dir: Path, active: bool, fresh: bool) -> None:
+        self.active = active
+        self.writer = None
+        self.stream = None
+        if active:
+            from torch.utils.tensorboard import SummaryWriter
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.stream = open(run_dir / "log.jsonl", "w" if fresh else "a")
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(record) + "\n")
+        self.stream.flush()
+
+    def scalars(self, kind: str, step: int, figures: dict[str, float]) -> None:
+        if not self.active:
+            return
+        self._write({"kind": kind, "step": step, **figures})
+        for key, value in figures.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def results(self, step: int, results: Results, best: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        self._write({"kind": "val", "step": step, "results": results, "best_score": best["score"],
+                     "best_step": best["step"]})
+        for task, metrics in results.items():
+            for metric, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"val/{task}/{metric}", value, step)
+
+    def images(self, step: int, pictures: dict[str, np.ndarray]) -> None:
+        if self.active:
+            for name, picture in pictures.items():
+                self.writer.add_image(f"val/{name} (target | prediction)", picture, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.active:
+            self.stream.close()
+            self.writer.close()
+
+
+def write_results(run_dir: Path, config: Config, results: Results, step: int, best: dict[str, Any]) -> Path:
+    """``results.json``: ``{"config", "results": {task: {metric: value}}, "step", "best"}``."""
+    path = run_dir / "results.json"
+    payload = {"config": to_dict(config), "results": results, "step": step,
+               "best": {"step": best["step"], "score": best["score"]}}
+    temp = path.with_suffix(".json.tmp")
+    temp.write_text(json.dumps(payload, indent=2))
+    temp.replace(path)
+    return path
+
+
+def build_evaluator(config: Config, dataset: Dataset, tasks: dict[str, Task], device: torch.device) -> Evaluator:
+    """The validation of a run: :func:`densemtl.engine.evaluate.evaluate_model` on ``dataset``."""
+    from densemtl.engine.evaluate import evaluate_model
+
+    def evaluator(model: nn.Module) -> Results:
+        return evaluate_model(model, dataset, tasks, config, device=device)
+
+    return evaluator
+
+
+def run_training(config: Config, resume: bool = False) -> Results:
+    """Train the config's model on its data; writes the run directory and returns the final results."""
+    from densemtl.data import build_dataset
+    from densemtl.models import build_model
+    from densemtl.tasks import build_tasks
+
+    dist_info, device = distributed.setup(config.train.device)
+    try:
+        seed_everything(config.train.seed)
+        run_dir = Path(config.out_dir)
+        if dist_info.is_main and not resume and (run_dir / "checkpoints" / "last.pt").exists():
+            print(f"densemtl: starting a fresh run in {run_dir} (use --resume to continue the earlier one)")
+        if not dist_info.is_main:
+            distributed.barrier()  # rank 0 generates and caches the data first
+        train_set = build_dataset(config.data, config.data.train_split, train=True)
+        val_set = build_dataset(config.data, config.data.val_split, train=False)
+        if dist_info.is_main:
+            distributed.barrier()
+        info = train_set.info
+        tasks = build_tasks(config.data.tasks, info, config.loss.normals_loss)
+        model = build_model(config, info, tasks)
+        per_step = config.data.batch_size * config.train.accumulate * dist_info.world_size
+        objective = build_objective(config, tasks, model.feature_channels, max(len(train_set) // per_step, 1))
+        seed_everything(config.train.seed + dist_info.rank)
+        trainer = Trainer(
+            config, model, objective, train_set, run_dir, info=info,
+            evaluator=build_evaluator(config, val_set, tasks, device), sample_set=val_set,
+            dist_info=dist_info, device=device,
+        )
+        results = trainer.fit(resume=resume) or {}
+        if dist_info.is_main:
+            print(format_results(results, tasks))
+            print(f"run directory: {run_dir} (best step {trainer.best['step']})")
+        return results
+    finally:
+        distributed.cleanup()
