@@ -193,3 +193,37 @@ def test_balancer_params_in_state_dict():
     names = set(build_balancer(_config("gradnorm"), TASKS).state_dict())
     assert {"task_weights", "initial_losses", "started"} <= names
     assert "log_vars" in build_balancer(_config("uncertainty"), TASKS).state_dict()
+
+
+@pytest.mark.parametrize("name", ["lps", "dwa", "uncertainty"])
+def test_engine_objective_backpropagates_the_weighted_total(name):
+    """Through the engine's Objective (with deep supervision), d total / d pred_t = w_t dL_t / d pred_t."""
+    from densemtl.data.base import DatasetInfo
+    from densemtl.engine.objective import Objective, resize_target
+    from densemtl.tasks import build_tasks
+
+    info = DatasetInfo(name="toy", tasks=tuple(TASKS), num_classes={"semseg": 3})
+    tasks = build_tasks(TASKS, info)
+    balancer = build_balancer(
+        LossConfig(balancer=name, balancer_args={"projection": "none"} if name == "lps" else {}), TASKS
+    )
+    _perturb(balancer)
+    objective = Objective(tasks, balancer, traceback_weight=0.5)
+    torch.manual_seed(0)
+    batch = {
+        "semseg": torch.randint(0, 3, (2, 8, 8)),
+        "depth": torch.rand(2, 1, 8, 8) + 0.5,
+        "edge": (torch.rand(2, 1, 8, 8) > 0.8).float(),
+    }
+    pred = {t: torch.randn(2, task.channels, 8, 8, requires_grad=True) for t, task in tasks.items()}
+    side = {t: torch.randn(2, task.channels, 4, 4, requires_grad=True) for t, task in tasks.items()}
+    output = {"pred": pred, "intermediate": {t: [side[t]] for t in TASKS}}
+    total, figures = objective(output, batch, step=0, shared=[])
+    total.backward()
+    for t, task in tasks.items():
+        alone_pred, alone_side = torch.autograd.grad(
+            task.loss(pred[t], batch[t]) + 0.5 * task.loss(side[t], resize_target(batch[t], (4, 4))), [pred[t], side[t]]
+        )
+        weight = figures[f"weight/{t}"].item()
+        torch.testing.assert_close(pred[t].grad, weight * alone_pred, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(side[t].grad, weight * alone_side, rtol=1e-4, atol=1e-8)
