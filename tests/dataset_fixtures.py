@@ -126,7 +126,7 @@ def write_nyud_frame(
     for folder in ("images", "segmentation", "depth", "normals", "edge"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     if layout == "NYUD_MT":
-        Image.fromarray(frame["image"]).save(root / "images" / f"{name}.jpg", quality=100)
+        Image.fromarray(frame["image"]).save(root / "images" / f"{name}.jpg", quality=100, subsampling=0)
         np.save(root / "normals" / f"{name}.npy", frame["normals"].transpose(1, 2, 0).astype(np.float32))
         np.save(root / "edge" / f"{name}.npy", frame["edge"].astype(np.float32))
     else:
@@ -262,7 +262,7 @@ def write_pascal(
         expected[split] = {}
         for name in split_names:
             frame = pascal_frame(name, height, width, seed, with_parts=name not in without_parts)
-            Image.fromarray(frame["image"]).save(root / "JPEGImages" / f"{name}.jpg", quality=100)
+            Image.fromarray(frame["image"]).save(root / "JPEGImages" / f"{name}.jpg", quality=100, subsampling=0)
             Image.fromarray(frame["semseg"].astype(np.uint8)).save(root / "semseg" / "pascal-context" / f"{name}.png")
             write_part_mat(root / "human_parts" / f"{name}.mat", name, frame["part_objects"])
             Image.fromarray(frame["normals_file"]).save(root / "normals_distill" / f"{name}.png")

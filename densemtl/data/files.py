@@ -1,0 +1,221 @@
+"""Dataset folders on disk: file readers and the base class shared by NYUD-v2 and PASCAL-Context.
+
+Every reader raises :class:`~densemtl.errors.DataError` naming the file, so a corrupt or missing file
+never surfaces as a bare decoder exception deep inside a DataLoader worker. :class:`FolderDataset`
+holds what both benchmarks share: split files of sample names, per-sample file lookup (several
+candidate paths per source, tried in order), the joint transforms, and the bad-sample policy
+(``data.on_bad_sample``: ``"error"`` raises, ``"skip"`` replaces the sample by the next readable one and
+counts it in a log message).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.io
+from PIL import Image
+from torch.utils.data import Dataset
+
+from densemtl.config import DataConfig
+from densemtl.data.base import DatasetInfo
+from densemtl.data.transforms import build_transform
+from densemtl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# What decoders raise on damaged files (PIL: OSError/SyntaxError, numpy: ValueError/EOFError,
+# scipy.io: IndexError/TypeError/KeyError/MatReadError, MATLAB v7.3 files: NotImplementedError).
+_DECODE_ERRORS = (
+    OSError, ValueError, EOFError, IndexError, TypeError, KeyError, SyntaxError, NotImplementedError,
+    scipy.io.matlab.MatReadError,
+)
+
+
+def read_image_file(path: Path) -> np.ndarray:
+    """A picture file decoded completely (a truncated file fails here, not later): uint8/uint16 array."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return np.array(image)
+    except _DECODE_ERRORS as err:
+        raise DataError(f"{path}: cannot read image ({err})") from None
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An RGB photo as uint8 H x W x 3 (grey or palette images are converted)."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except _DECODE_ERRORS as err:
+        raise DataError(f"{path}: cannot read image ({err})") from None
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """A ``.npy`` array (no pickles)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except _DECODE_ERRORS as err:
+        raise DataError(f"{path}: cannot read array ({err})") from None
+
+
+def read_mat(path: Path, key: str) -> np.ndarray:
+    """Variable ``key`` of a MATLAB ``.mat`` file (v5 format, as the datasets ship them)."""
+    try:
+        content = scipy.io.loadmat(str(path), variable_names=[key])
+    except _DECODE_ERRORS as err:
+        raise DataError(f"{path}: cannot read MATLAB file ({err})") from None
+    if key not in content:
+        raise DataError(f"{path}: MATLAB file has no variable '{key}'")
+    return content[key]
+
+
+def read_split(path: Path) -> list[str]:
+    """Sample names of a split file, one per line (blank lines ignored)."""
+    if not path.is_file():
+        siblings = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
+        known = f" (split files there: {', '.join(siblings)})" if siblings else ""
+        raise DataError(f"{path}: split file not found{known}")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"{path}: split file lists no samples")
+    return names
+
+
+def as_label_map(array: np.ndarray, path: Path) -> np.ndarray:
+    """A single-channel integer map as int64, or a DataError naming the file."""
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise DataError(f"{path}: expected a single-channel integer label map, got {array.dtype} {array.shape}")
+    return array.astype(np.int64)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
+    """Every value is a class id ``0..num_classes-1`` or the ignore label 255."""
+    bad = (labels >= num_classes) & (labels != 255)
+    if bad.any():
+        values = np.unique(labels[bad])[:5].tolist()
+        raise DataError(f"{path}: label values {values} outside 0..{num_classes - 1} and 255")
+
+
+class FolderDataset(Dataset):
+    """A benchmark folder: one sample per name of a split file, files found by candidate paths.
+
+    Subclasses describe the folder (``split_file``, ``sources``) and decode one sample's files
+    (``read_files``); both are class methods so ``densemtl data check`` can use them without a config.
+    """
+
+    dataset_name: ClassVar[str]
+    supported_tasks: ClassVar[tuple[str, ...]]
+    task_sources: ClassVar[dict[str, str]] = {}  # task -> source key, where the task's file is another
+
+    def __init__(self, data_config: DataConfig, split: str, train: bool) -> None:
+        if not data_config.root:
+            raise DataError(f"dataset '{self.dataset_name}' needs data.root, the folder holding it")
+        self.root = Path(data_config.root).expanduser()
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: dataset folder not found (data.root)")
+        unknown = [task for task in data_config.tasks if task not in self.supported_tasks]
+        if unknown:
+            raise DataError(
+                f"dataset '{self.dataset_name}' has no labels for {', '.join(unknown)} "
+                f"(available: {', '.join(self.supported_tasks)})"
+            )
+        self.tasks = tuple(data_config.tasks)
+        self.split = split
+        self.on_bad_sample = data_config.on_bad_sample
+        names = read_split(self.split_file(self.root, split))
+        files, missing = self.index(self.root, names, self.tasks)
+        if missing:
+            first = missing[0]
+            if self.on_bad_sample == "error":
+                raise DataError(
+                    f"{first}: file missing ({len(missing)} missing in split '{split}'; "
+                    f"list them with `densemtl data check {self.root}`)"
+                )
+            log.warning("%s: %d files missing in split '%s' (first: %s); those samples are skipped",
+                        self.root, len(missing), split, first)
+        self.names = [name for name in names if name in files]
+        if not self.names:
+            raise DataError(f"{self.split_file(self.root, split)}: no sample of split '{split}' has all its files")
+        self.files = [files[name] for name in self.names]
+        self.transform = build_transform(data_config, train=train)
+        self.info = self.dataset_info(self.tasks)
+        self.skipped = 0
+
+    @classmethod
+    def split_file(cls, root: Path, split: str) -> Path:
+        raise NotImplementedError
+
+    @classmethod
+    def sources(cls, root: Path, tasks: Iterable[str]) -> dict[str, tuple[str, ...]]:
+        """Per source (``"image"``, a task, or a shared file), candidate paths with ``{name}``, in order."""
+        raise NotImplementedError
+
+    @classmethod
+    def read_files(cls, files: dict[str, Path], tasks: Iterable[str]) -> dict[str, np.ndarray]:
+        """Decode one sample: ``image`` uint8 H x W x 3 and one array per task (tasks.py conventions)."""
+        raise NotImplementedError
+
+    @classmethod
+    def dataset_info(cls, tasks: Iterable[str]) -> DatasetInfo:
+        raise NotImplementedError
+
+    @classmethod
+    def index(
+        cls, root: Path, names: list[str], tasks: Iterable[str]
+    ) -> tuple[dict[str, dict[str, Path]], list[Path]]:
+        """The files of every name that has all of them, and the expected paths that are missing."""
+        sources = cls.sources(root, tasks)
+        found: dict[str, dict[str, Path]] = {}
+        missing: list[Path] = []
+        for name in names:
+            files: dict[str, Path] = {}
+            for source, candidates in sources.items():
+                paths = [root / candidate.format(name=name) for candidate in candidates]
+                path = next((p for p in paths if p.is_file()), None)
+                if path is None:
+                    missing.append(paths[0])
+                else:
+                    files[source] = path
+            if len(files) == len(sources):
+                found[name] = files
+        return found, missing
+
+    @classmethod
+    def read_checked(cls, files: dict[str, Path], tasks: Iterable[str]) -> dict[str, np.ndarray]:
+        """:meth:`read_files`, then every target must have the image's height and width."""
+        arrays = cls.read_files(files, tasks)
+        size = arrays["image"].shape[:2]
+        for task in tasks:
+            if tuple(arrays[task].shape[-2:]) != size:
+                path = files[cls.task_sources.get(task, task)]
+                raise DataError(
+                    f"{path}: {task} target is {arrays[task].shape[-2]}x{arrays[task].shape[-1]}, "
+                    f"the image {files['image'].name} is {size[0]}x{size[1]}"
+                )
+        return arrays
+
+    def load_raw(self, index: int) -> dict[str, Any]:
+        """Sample ``index`` decoded but not transformed (the raw format of :mod:`densemtl.data.transforms`)."""
+        raw: dict[str, Any] = dict(self.read_checked(self.files[index], self.tasks))
+        raw["meta"] = {"name": self.names[index]}
+        return raw
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for attempt in range(len(self.names)):
+            current = (index + attempt) % len(self.names)
+            try:
+                return self.transform(self.load_raw(current))
+            except DataError as err:
+                if self.on_bad_sample == "error":
+                    raise
+                self.skipped += 1
+                log.warning("skipped sample '%s' (%s); %d skipped so far in this process",
+                            self.names[current], err, self.skipped)
+        raise DataError(f"{self.root}: no readable sample left in split '{self.split}'")
