@@ -1,0 +1,210 @@
+"""The training engine: losses fall, resume is exact, NaN stops cleanly, objective terms, schedules."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from densemtl.config import Config, load_config
+from densemtl.data import build_dataset
+from densemtl.engine.checkpoint import load_checkpoint
+from densemtl.engine.distributed import DistInfo
+from densemtl.engine.objective import Objective, build_objective, resize_target
+from densemtl.engine.schedule import lr_factor
+from densemtl.engine.train import Trainer, parameter_groups
+from densemtl.errors import ConfigError, TrainingDiverged
+from densemtl.losses.balancing import build_balancer
+from densemtl.models import build_model
+from densemtl.tasks import DepthTask, build_tasks
+
+
+def tiny_config(tmp_path: Path, *overrides: str) -> Config:
+    """A config small enough for a unit test: 32x48 synthetic frames, the CPU backbone, batch 4."""
+    base = [
+        "data.synthetic.height=32", "data.synthetic.width=48", "data.synthetic.num_train=12",
+        "data.synthetic.num_val=4", "data.synthetic.num_test=2", f"data.synthetic.cache_dir={tmp_path / 'cache'}",
+        "data.tasks=[semseg,depth,normals,edge]", "data.batch_size=4", "model.backbone=resnet-tiny",
+        "model.neck_channels=16", "model.head_channels=16", "train.device=cpu", "train.steps=6",
+        "train.warmup_steps=2", "train.log_every=1", "train.eval_every=1000", "train.checkpoint_every=1000",
+        f"out_dir={tmp_path / 'run'}",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def make_trainer(config: Config, run_dir: Path | None = None, **kwargs: Any) -> Trainer:
+    """A single-process CPU trainer for ``config`` on its synthetic data (seeded like run_training)."""
+    torch.manual_seed(config.train.seed)
+    train_set = build_dataset(config.data, "train", train=True)
+    tasks = build_tasks(config.data.tasks, train_set.info, config.loss.normals_loss)
+    model = build_model(config, train_set.info, tasks)
+    objective = build_objective(config, tasks, model.feature_channels)
+    return Trainer(
+        config, model, objective, train_set, run_dir or Path(config.out_dir), info=train_set.info,
+        dist_info=DistInfo(), device=torch.device("cpu"), **kwargs,
+    )
+
+
+def read_log(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["kind"] == kind]
+
+
+def test_multitask_losses_fall_and_run_directory_is_written(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "train.steps=24", "train.lr=3e-3", "train.schedule=constant", "data.flip=false")
+    trainer = make_trainer(config)
+    trainer.fit()
+    records = read_log(Path(config.out_dir))
+    assert [r["step"] for r in records] == list(range(1, 25))
+    for key in ["loss/total", "loss/semseg", "loss/depth", "loss/normals"]:
+        first = np.mean([r[key] for r in records[:3]])
+        last = np.mean([r[key] for r in records[-3:]])
+        assert last < 0.8 * first, f"{key} did not fall: {first:.4f} -> {last:.4f}"
+    assert all(0 <= r["data_wait_share"] <= 1 and r["images_per_s"] > 0 for r in records)
+    assert records[0]["weight/normals"] == 10.0  # the task's default weight reaches the balancer
+    run = Path(config.out_dir)
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    assert any((run / "tensorboard").iterdir())
+
+
+class StopAt:
+    """A loss hook that adds nothing and interrupts training when the trainer reaches ``step``."""
+
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+        self.trainer: Trainer | None = None
+
+    def __call__(self, model: nn.Module, output: dict, batch: dict) -> dict[str, torch.Tensor]:
+        if self.trainer is not None and self.trainer.step == self.step:
+            raise KeyboardInterrupt
+        return {}
+
+
+def rng_hungry_evaluator(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Consumes every RNG stream (as a real evaluation's data loader would) and reports a weight sum."""
+    torch.rand(5)
+    np.random.rand(5)
+    total = float(sum(p.detach().double().sum() for p in model.parameters()))
+    return {"semseg": {"mIoU": total}, "depth": {"rmse": -total}}
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    """8 steps in one go == 4 steps, interruption, --resume, 4 more (bit-equal weights, EMA, optimiser).
+
+    The straight run validates only at the end, the interrupted one every 3 steps: validation must not
+    change the training trajectory either.
+    """
+    overrides = [
+        "train.steps=8", "train.checkpoint_every=4", "train.accumulate=2",
+        "data.batch_size=2", "train.ema_decay=0.9", "data.scale_range=[0.7,1.3]", "data.crop_size=[24,40]",
+    ]
+    config = tiny_config(tmp_path, *overrides)
+    straight = make_trainer(config, tmp_path / "straight", loss_hook=StopAt(None), evaluator=rng_hungry_evaluator)
+    straight.fit()
+    config = tiny_config(tmp_path, *overrides, "train.eval_every=3")
+
+    hook = StopAt(4)
+    first = make_trainer(config, tmp_path / "resumed", loss_hook=hook, evaluator=rng_hungry_evaluator)
+    hook.trainer = first
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    saved = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert saved["step"] == 4 and saved["data_position"] == {"epoch": 1, "batch": 2}  # 6 batches per epoch
+    torch.manual_seed(1234)  # the resumed process starts from other RNG states
+    second = make_trainer(config, tmp_path / "resumed", loss_hook=StopAt(None), evaluator=rng_hungry_evaluator)
+    second.fit(resume=True)
+
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 8
+    for key in ["model", "balancer"]:
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    for name in a["ema"]["model"]:
+        assert torch.equal(a["ema"]["model"][name], b["ema"]["model"][name]), f"ema.{name} differs"
+    for index, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][index]["exp_avg_sq"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 8
+    assert a["data_position"] == b["data_position"]
+    # the log of the resumed run continues where the first part stopped
+    assert [r["step"] for r in read_log(tmp_path / "resumed")] == list(range(1, 9))
+
+
+def test_nan_loss_stops_naming_the_task_and_keeps_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    original = DepthTask.loss
+
+    def poisoned(self: DepthTask, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = original(self, raw, target)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(DepthTask, "loss", poisoned)
+    config = tiny_config(tmp_path, "train.checkpoint_every=2")
+    with pytest.raises(TrainingDiverged, match="'depth'.*step 3"):
+        make_trainer(config).fit()
+    kept = load_checkpoint(Path(config.out_dir) / "checkpoints" / "last.pt")
+    assert kept["step"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_objective_adds_deep_supervision_extra_losses_and_hook_terms(tmp_path: Path) -> None:
+    info = build_dataset(tiny_config(tmp_path).data, "val", train=False).info
+    tasks = build_tasks(["semseg", "depth"], info)
+    config = tiny_config(tmp_path, "data.tasks=[semseg,depth]", "loss.weights={semseg: 2.0, depth: 1.0}")
+    objective = Objective(tasks, build_balancer(config.loss, list(tasks)), traceback_weight=0.5)
+    torch.manual_seed(0)
+    batch = {"semseg": torch.randint(0, 13, (2, 8, 12)), "depth": torch.rand(2, 1, 8, 12) + 0.5}
+    pred = {"semseg": torch.randn(2, 13, 8, 12), "depth": torch.rand(2, 1, 8, 12)}
+    inter = {"semseg": [torch.randn(2, 13, 4, 6)]}
+    output = {"pred": pred, "intermediate": inter, "extra_losses": {"l0": torch.tensor(0.25)}}
+    total, figures = objective(output, batch, step=0, shared=[], extra={"hook": torch.tensor(1.5)})
+    small = resize_target(batch["semseg"], (4, 6))
+    assert small.dtype == torch.int64 and torch.equal(small, batch["semseg"][:, ::2, ::2])
+    semseg = tasks["semseg"].loss(pred["semseg"], batch["semseg"])
+    semseg = semseg + 0.5 * tasks["semseg"].loss(inter["semseg"][0], small)
+    expected = 2.0 * semseg + tasks["depth"].loss(pred["depth"], batch["depth"]) + 0.25 + 1.5
+    assert torch.allclose(total, expected)
+    assert set(figures) >= {"loss/semseg", "loss/semseg_intermediate", "loss/l0", "loss/hook", "weight/semseg"}
+    with pytest.raises(TrainingDiverged, match="'l0'"):
+        objective({**output, "extra_losses": {"l0": torch.tensor(float("inf"))}}, batch, step=5, shared=[])
+
+
+def test_schedules_warm_up_then_decay() -> None:
+    assert lr_factor(0, 100, 10, "poly") == pytest.approx(1 / 11)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(10 / 11)
+    assert lr_factor(10, 100, 10, "poly") == 1.0
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "poly") == 0.0
+    assert lr_factor(99, 100, 0, "constant") == 1.0
+    poly = [lr_factor(s, 100, 10, "poly") for s in range(10, 100)]
+    assert all(a > b for a, b in zip(poly[:-1], poly[1:], strict=True))
+
+
+def test_no_weight_decay_on_norms_and_biases() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1, bias=False))
+    decay, no_decay = parameter_groups(net.parameters(), 0.01)
+    assert [tuple(p.shape) for p in decay["params"]] == [(4, 3, 3, 3), (2, 4, 1, 1)]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_bf16_autocast_on_cpu_trains_and_fp16_is_refused(tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_config(tmp_path, "train.amp=bf16"))
+    figures = trainer.train_step()
+    assert math.isfinite(figures["loss/total"]) and trainer.step == 1
+    with pytest.raises(ConfigError, match="train.amp"):
+        make_trainer(tiny_config(tmp_path, "train.amp=fp16"))
+
+
+def test_batch_larger_than_training_set_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        make_trainer(tiny_config(tmp_path, "data.batch_size=16"))
