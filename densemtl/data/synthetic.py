@@ -624,13 +624,14 @@ def _generate(config: SyntheticConfig, split: str) -> dict[str, np.ndarray]:
     else:
         frames = [render_frame(config, split, index)
                   for index in tqdm(range(split_size(config, split)), desc=f"synthetic {split}", unit="frame")]
-    if not frames:
-        raise DataError(f"synthetic split '{split}' is empty: set data.synthetic.num_{split} > 0")
-    return {key: np.stack([frame[key] for frame in frames]) for key in frames[0]}
+    return {key: np.stack([frame[key] for frame in frames]) for key in ("image", *SYNTHETIC_TASKS)}
 
 
 def load_split(config: SyntheticConfig, split: str) -> dict[str, np.ndarray]:
     """All frames of ``split`` as stacked arrays, rendered on first use and cached as compressed npz."""
+    if split_size(config, split) <= 0:
+        raise DataError(f"synthetic split '{split}' is empty: check data.synthetic (num_train / num_val / "
+                        f"num_test, or num_clips and clip_length)")
     path = cache_path(config, split)
     if path.is_file():
         try:
@@ -644,14 +645,15 @@ def load_split(config: SyntheticConfig, split: str) -> dict[str, np.ndarray]:
     except OSError as err:
         raise DataError(f"synthetic cache dir {path.parent} is not writable ({err.strerror}); set "
                         f"data.synthetic.cache_dir or $DENSEMTL_CACHE") from None
-    arrays = _generate(config, split)
     try:
         with os.fdopen(handle, "wb") as file:
+            arrays = _generate(config, split)
             np.savez_compressed(file, **arrays)
         os.replace(tmp, path)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
         raise DataError(f"{path}: cannot write the synthetic cache ({err.strerror})") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return arrays
 
 
