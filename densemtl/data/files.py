@@ -85,6 +85,12 @@ def read_split(path: Path) -> list[str]:
     return names
 
 
+def missing_message(candidates: list[Path]) -> str:
+    """``"<first candidate>: missing"``, naming the other file names that were tried too."""
+    others = f" (nor {', '.join(path.name for path in candidates[1:])})" if len(candidates) > 1 else ""
+    return f"{candidates[0]}: missing{others}"
+
+
 def as_label_map(array: np.ndarray, path: Path) -> np.ndarray:
     """A single-channel integer map as int64, or a DataError naming the file."""
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
@@ -103,8 +109,8 @@ def check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
 class FolderDataset(Dataset):
     """A benchmark folder: one sample per name of a split file, files found by candidate paths.
 
-    Subclasses describe the folder (``split_file``, ``sources``) and decode one sample's files
-    (``read_files``); both are class methods so ``densemtl data check`` can use them without a config.
+    Subclasses describe the folder (``split_file``, ``sources``) and decode one target
+    (``read_target``); all are class methods so ``densemtl data check`` can use them without a config.
     """
 
     dataset_name: ClassVar[str]
@@ -129,10 +135,10 @@ class FolderDataset(Dataset):
         names = read_split(self.split_file(self.root, split))
         files, missing = self.index(self.root, names, self.tasks)
         if missing:
-            first = missing[0]
+            first = missing_message(missing[0][1])
             if self.on_bad_sample == "error":
                 raise DataError(
-                    f"{first}: file missing ({len(missing)} missing in split '{split}'; "
+                    f"{first} ({len(missing)} files missing in split '{split}'; "
                     f"list them with `densemtl data check {self.root}`)"
                 )
             log.warning("%s: %d files missing in split '%s' (first: %s); those samples are skipped",
@@ -155,8 +161,10 @@ class FolderDataset(Dataset):
         raise NotImplementedError
 
     @classmethod
-    def read_files(cls, files: dict[str, Path], tasks: Iterable[str]) -> dict[str, np.ndarray]:
-        """Decode one sample: ``image`` uint8 H x W x 3 and one array per task (tasks.py conventions)."""
+    def read_target(
+        cls, task: str, files: dict[str, Path], size: tuple[int, int], cache: dict[str, Any]
+    ) -> np.ndarray:
+        """Decode one task's target (tasks.py conventions); ``cache`` shares files read by several tasks."""
         raise NotImplementedError
 
     @classmethod
@@ -164,43 +172,58 @@ class FolderDataset(Dataset):
         raise NotImplementedError
 
     @classmethod
+    def locate(
+        cls, root: Path, name: str, sources: dict[str, tuple[str, ...]]
+    ) -> tuple[dict[str, Path], list[tuple[str, list[Path]]]]:
+        """Sample ``name``'s file per source (first existing candidate) and ``(source, candidates)`` missing."""
+        files: dict[str, Path] = {}
+        missing: list[tuple[str, list[Path]]] = []
+        for source, candidates in sources.items():
+            paths = [root / candidate.format(name=name) for candidate in candidates]
+            path = next((p for p in paths if p.is_file()), None)
+            if path is None:
+                missing.append((source, paths))
+            else:
+                files[source] = path
+        return files, missing
+
+    @classmethod
     def index(
         cls, root: Path, names: list[str], tasks: Iterable[str]
-    ) -> tuple[dict[str, dict[str, Path]], list[Path]]:
-        """The files of every name that has all of them, and the expected paths that are missing."""
+    ) -> tuple[dict[str, dict[str, Path]], list[tuple[str, list[Path]]]]:
+        """The files of every name that has all of them, and ``(source, candidates)`` of each one missing."""
         sources = cls.sources(root, tasks)
         found: dict[str, dict[str, Path]] = {}
-        missing: list[Path] = []
+        missing: list[tuple[str, list[Path]]] = []
         for name in names:
-            files: dict[str, Path] = {}
-            for source, candidates in sources.items():
-                paths = [root / candidate.format(name=name) for candidate in candidates]
-                path = next((p for p in paths if p.is_file()), None)
-                if path is None:
-                    missing.append(paths[0])
-                else:
-                    files[source] = path
-            if len(files) == len(sources):
+            files, lacking = cls.locate(root, name, sources)
+            missing += lacking
+            if not lacking:
                 found[name] = files
         return found, missing
 
     @classmethod
-    def read_checked(cls, files: dict[str, Path], tasks: Iterable[str]) -> dict[str, np.ndarray]:
-        """:meth:`read_files`, then every target must have the image's height and width."""
-        arrays = cls.read_files(files, tasks)
-        size = arrays["image"].shape[:2]
-        for task in tasks:
-            if tuple(arrays[task].shape[-2:]) != size:
-                path = files[cls.task_sources.get(task, task)]
-                raise DataError(
-                    f"{path}: {task} target is {arrays[task].shape[-2]}x{arrays[task].shape[-1]}, "
-                    f"the image {files['image'].name} is {size[0]}x{size[1]}"
-                )
-        return arrays
+    def read_task(
+        cls, task: str, files: dict[str, Path], size: tuple[int, int], cache: dict[str, Any]
+    ) -> np.ndarray:
+        """:meth:`read_target`, checked to have the image's height and width ``size``."""
+        target = cls.read_target(task, files, size, cache)
+        if tuple(target.shape[-2:]) != tuple(size):
+            path = files[cls.task_sources.get(task, task)]
+            raise DataError(
+                f"{path}: {task} target is {target.shape[-2]}x{target.shape[-1]}, "
+                f"the image {files['image'].name} is {size[0]}x{size[1]}"
+            )
+        return target
 
     def load_raw(self, index: int) -> dict[str, Any]:
         """Sample ``index`` decoded but not transformed (the raw format of :mod:`densemtl.data.transforms`)."""
-        raw: dict[str, Any] = dict(self.read_checked(self.files[index], self.tasks))
+        files = self.files[index]
+        image = read_rgb(files["image"])
+        cache: dict[str, Any] = {}
+        raw: dict[str, Any] = {"image": image}
+        for task in self.tasks:
+            raw[task] = self.read_task(task, files, image.shape[:2], cache)
         raw["meta"] = {"name": self.names[index]}
         return raw
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from densemtl.config import DataConfig
 from densemtl.data.base import DatasetInfo
-from densemtl.data.files import FolderDataset, as_label_map, read_image_file, read_npy, read_rgb
+from densemtl.data.files import FolderDataset, as_label_map, read_image_file, read_npy
 from densemtl.errors import DataError
 from densemtl.tasks import DepthTask, EdgeTask, NormalsTask
 
@@ -129,11 +130,10 @@ class NYUDDataset(FolderDataset):
         }
 
     @classmethod
-    def read_files(cls, files: dict[str, Path], tasks: Iterable[str]) -> dict[str, np.ndarray]:
-        arrays = {"image": read_rgb(files["image"])}
-        for task in tasks:
-            arrays[task] = _READERS[task](files[task])
-        return arrays
+    def read_target(
+        cls, task: str, files: dict[str, Path], size: tuple[int, int], cache: dict[str, Any]
+    ) -> np.ndarray:
+        return _READERS[task](files[task])
 
     @classmethod
     def dataset_info(cls, tasks: Iterable[str]) -> DatasetInfo:

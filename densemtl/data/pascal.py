@@ -29,11 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from densemtl.data.base import DatasetInfo
-from densemtl.data.files import FolderDataset, as_label_map, check_labels, read_image_file, read_mat, read_rgb
+from densemtl.data.files import FolderDataset, as_label_map, check_labels, read_image_file, read_mat
 from densemtl.data.pascal_parts import PART_CLASS_NAMES, load_human_parts
 from densemtl.errors import DataError
 from densemtl.tasks import decode_normals
@@ -129,22 +130,20 @@ class PascalContextDataset(FolderDataset):
         return {source: _SOURCES[source] for source in wanted}
 
     @classmethod
-    def read_files(cls, files: dict[str, Path], tasks: Iterable[str]) -> dict[str, np.ndarray]:
-        image = read_rgb(files["image"])
-        arrays = {"image": image}
-        labelmap = read_labelmap(files["labelmap"]) if "labelmap" in files else None
-        for task in tasks:
-            if task == "semseg":
-                arrays[task] = read_semseg(files[task])
-            elif task == "human_parts":
-                arrays[task] = load_human_parts(files[task], image.shape[:2])
-            elif task == "normals":
-                arrays[task] = read_normals(files[task], labelmap)
-            elif task == "saliency":
-                arrays[task] = read_saliency(files[task])
-            else:
-                arrays[task] = label_boundaries(labelmap)[None]
-        return arrays
+    def read_target(
+        cls, task: str, files: dict[str, Path], size: tuple[int, int], cache: dict[str, Any]
+    ) -> np.ndarray:
+        if task == "semseg":
+            return read_semseg(files[task])
+        if task == "human_parts":
+            return load_human_parts(files[task], size)
+        if task == "saliency":
+            return read_saliency(files[task])
+        if "labelmap" not in cache:
+            cache["labelmap"] = read_labelmap(files["labelmap"])
+        if task == "normals":
+            return read_normals(files[task], cache["labelmap"])
+        return label_boundaries(cache["labelmap"])[None]
 
     @classmethod
     def dataset_info(cls, tasks: Iterable[str]) -> DatasetInfo:
