@@ -12,7 +12,8 @@ Choices the paper leaves open (all in ``config.contrastive``):
   neighbour (each cell takes the label at its centre pixel), so a sampled feature vector and its label
   describe the same place exactly; bilinear reads of the features at label positions would blend
   neighbouring cells across object borders, where no feature can be consistent with both sides.
-  ``num_pixels`` cells per image are drawn without replacement, only among valid source labels (never
+  ``num_pixels`` cells per batch (split evenly over its images, so the N x N pair matrices cost the
+  same whatever the batch size) are drawn without replacement, only among valid source labels (never
   255 labels, depth 0, zero normals, nor padding, which carries those fill values). For class-like
   sources each cell is weighted by ``1 / (cells of its class in the image)``, so every present class
   gets about the same share. The projector runs on the sampled vectors only: the same 1x1-conv MLP as
@@ -259,7 +260,8 @@ class ContrastiveRegularizer(nn.Module):
         """Unweighted loss of target's features against source's labels; None when the batch gives no anchor."""
         relation = self.relations[source]
         labels = labels_at(labels, tuple(features.shape[-2:]))
-        sample = sample_pixels(relation, labels, self.config.num_pixels, generator)
+        per_image = -(-self.config.num_pixels // labels.shape[0])
+        sample = sample_pixels(relation, labels, per_image, generator)
         b, y, x = sample
         embedding = self.projectors[_pair_key(target, source)](features[b, :, y, x].float())
         positive, negative = relation.relate(relation.values(labels, sample))
