@@ -139,6 +139,10 @@ class SharingConfig:
     temporal_threshold: float = 0.15
     temporal_weight: float = 0.0
     phase_steps: list[int] = field(default_factory=lambda: [400, 300, 150, 150])
+    gate_init: float = 2.0  # initial log-alpha of the hard-concrete gates (open: P(z > 0) ~ 0.9)
+    gate_scale: float = 50.0  # log_alpha = gate_scale * raw: the gates' learning-rate multiplier
+    temporal_shift: int = 4  # pixels of the pseudo next frame of the temporal consistency term
+    video_task_layers: int = 2  # sub-task blocks using the current base (not the previous frame) on video
 
 
 @dataclass

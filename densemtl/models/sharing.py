@@ -1,0 +1,496 @@
+"""Efficient computation sharing (Shoouri et al., ICCV 2023): a base task and sub-tasks sharing weights and
+activations, across tasks and across video frames.
+
+**Model.** The base task (``sharing.base_task``, semseg) has a plain ViT encoder (:mod:`vit_blocks`) and a
+dense decoder. Every other task (a *sub-task*) uses, for every encoder linear, ``W_sub = W_base + z * dW``
+(the bias too), ``z`` a hard-concrete gate per element (:mod:`hard_concrete`), and has its own decoder.
+LayerNorms and the position embedding are the base model's. Training phases (``phase`` buffer, saved in
+checkpoints; :func:`densemtl.engine.sharing.run_sharing_pipeline` runs them):
+
+0. ``base``: the base encoder and decoder, base task loss only;
+1. ``delta``: base frozen; deltas, gates and sub-task decoders, + ``l0_weight * E[L0]``;
+2. ``finetune``: each gate frozen to the mask of its test-time non-zeros (the gate value folded into
+   ``dW``); only the unmasked entries of ``dW`` (and the decoders) can change;
+3. ``activation``: as 2, + ``activation_weight * sum_l mean |A_l^sub - A_l^base|`` over every block's qkv,
+   attention projection and MLP (fc1, fc2) outputs, the base model frozen (the mean rather than the sum
+   of the L1 norm keeps the weight independent of the image size).
+
+``temporal_weight > 0`` adds, in every phase, ``mean |A_l(x) - A_l(x')|`` of the trained encoders between an
+image and a copy shifted by up to ``temporal_shift`` pixels (a pseudo next frame of a moving camera).
+
+**Inference with delta activations** (:class:`SharedInference`). For a linear with base input ``x_b`` and
+output ``y_b = W_b x_b + b_b``, the sub-task's exact output is, with ``dx = x_s - x_b``,
+``dW = W_s - W_b``, ``db = b_s - b_b``::
+
+    y_s = W_s x_s + b_s = y_b + (dW x_b + db) + W_s dx
+
+Per token: if ``max |dx| > tau`` the token is *recomputed*, ``y_s = W_s x_s + b_s`` on the gathered tokens
+only (scattered back into a copy of ``y_b``); otherwise ``dx`` is dropped and the token keeps ``y_b`` plus
+the weight-delta correction ``c = dW x_b + db`` (a CSR product when ``dW`` is sparse enough), itself kept
+only where ``max |c| > tau``. So ``tau = 0`` gives the dense sub-task (a dropped ``dx`` is exactly zero,
+a dropped ``c`` too) and a huge ``tau`` gives exactly the base activations (nothing recomputed, nothing
+added). Attention: a query row is recomputed (against all current keys and values) when its own q/k/v
+changed, or when the reference attention mass it puts on changed tokens times their largest q/k/v change
+exceeds ``tau``; other rows keep the reference output. LayerNorms, GELU and residual additions run on all
+tokens (element-wise, cheap); FLOPs count the matrix products actually executed.
+
+**Across time.** On a keyframe the base runs densely and the sub-tasks as above. On other frames the base
+reuses its own previous frame's trace (same rule, ``temporal_threshold``: only tokens whose input moved
+are recomputed, the reference input of a token being the one it was last recomputed from, so slow drift
+is caught), and each sub-task uses the current base as reference in the patch embedding and its first
+``video_task_layers`` blocks and its own previous frame's trace in the later blocks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from densemtl.errors import ConfigError
+from densemtl.models.hard_concrete import HardConcreteGate
+from densemtl.models.vit_blocks import (
+    AttentionRef,
+    DenseExecutor,
+    LinearRef,
+    TokenDecoder,
+    Trace,
+    ViTEncoder,
+    Weights,
+    attend,
+    split_heads,
+)
+
+if TYPE_CHECKING:
+    from densemtl.config import Config, ModelConfig, SharingConfig
+    from densemtl.data.base import DatasetInfo
+    from densemtl.tasks import Task
+
+PHASES = ("base", "delta", "finetune", "activation")
+VIT_ARGS = {
+    "hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 3, "intermediate_size": 384, "patch_size": 8,
+}
+SPARSE_BELOW = 0.1  # CSR beats a dense product on this CPU under ~10% density (measured, see docs)
+
+
+class GatedDelta(nn.Module):
+    """``dW`` of one linear (``out x (in + 1)``, the last column the bias delta), gated per element."""
+
+    def __init__(self, out_features: int, in_features: int, gate_init: float, gate_scale: float) -> None:
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(out_features, in_features + 1))
+        self.gate = HardConcreteGate((out_features, in_features + 1), gate_init, gate_scale)
+
+    def apply(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gated = self.gate() * self.delta
+        return weight + gated[:, :-1], bias + gated[:, -1]
+
+    def effective(self) -> torch.Tensor:
+        """The deterministic (test-time) gated delta, detached."""
+        return (self.gate.deterministic() * self.delta).detach()
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Fix the mask; fold the gate values into ``dW`` so masked-out entries are exactly 0."""
+        if not bool(self.gate.frozen):
+            self.delta.mul_(self.gate.freeze())
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "_")
+
+
+class SharingModel(nn.Module):
+    """Base ViT + gated weight deltas + one decoder per task; see the module docstring."""
+
+    def __init__(
+        self, model_config: ModelConfig, sharing: SharingConfig, tasks: dict[str, Task], image_size: tuple[int, int]
+    ) -> None:
+        super().__init__()
+        args = dict(VIT_ARGS)
+        for key, value in model_config.backbone_args.items():
+            if key not in VIT_ARGS:
+                raise ConfigError(
+                    f"key 'model.backbone_args.{key}': not an option of the sharing ViT (known: {', '.join(VIT_ARGS)})"
+                )
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"key 'model.backbone_args.{key}': expected a positive integer, got {value!r}")
+            args[key] = value
+        if args["hidden_size"] % args["num_attention_heads"]:
+            raise ConfigError("key 'model.backbone_args': hidden_size must be divisible by num_attention_heads")
+        if sharing.base_task not in tasks:
+            raise ConfigError(f"key 'sharing.base_task': '{sharing.base_task}' is not one of the tasks")
+        self.tasks = tasks
+        self.base_task = sharing.base_task
+        self.sub_tasks = [name for name in tasks if name != sharing.base_task]
+        self.sharing = sharing
+        dim, patch = args["hidden_size"], args["patch_size"]
+        self.encoder = ViTEncoder(
+            dim, args["num_hidden_layers"], args["num_attention_heads"], args["intermediate_size"], patch, image_size
+        )
+        self.deltas = nn.ModuleDict(
+            {
+                task: nn.ModuleDict(
+                    {
+                        _key(name): GatedDelta(lin.out_features, lin.in_features, sharing.gate_init, sharing.gate_scale)
+                        for name, lin in self.encoder.named_linears()
+                    }
+                )
+                for task in self.sub_tasks
+            }
+        )
+        channels = model_config.head_channels
+        self.decoders = nn.ModuleDict(
+            {name: TokenDecoder(dim, channels, task.channels, patch) for name, task in tasks.items()}
+        )
+        self.feature_channels = {name: channels for name in tasks}
+        self.register_buffer("phase", torch.tensor(0))
+        self.set_phase(0)
+
+    # ------------------------------------------------------------------ phases
+    def set_phase(self, phase: int) -> None:
+        """Switch training phase: which parameters train, and (from phase 2 on) freeze the gates."""
+        if not 0 <= phase < len(PHASES):
+            raise ValueError(f"phase must be in 0..{len(PHASES) - 1}, got {phase}")
+        self.phase.fill_(phase)
+        if phase >= 2:
+            for deltas in self.deltas.values():
+                for delta in deltas.values():
+                    delta.freeze()
+        for param in [*self.encoder.parameters(), *self.decoders[self.base_task].parameters()]:
+            param.requires_grad_(phase == 0)
+        for task in self.sub_tasks:
+            for param in self.decoders[task].parameters():
+                param.requires_grad_(phase >= 1)
+            for delta in self.deltas[task].values():
+                delta.delta.requires_grad_(phase >= 1)
+                delta.gate.raw.requires_grad_(phase == 1)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> SharingModel:
+        """Frozen parts stay in eval mode (the base decoder's BatchNorm statistics must not move)."""
+        super().train(mode)
+        if int(self.phase) >= 1:
+            self.encoder.eval()
+            self.decoders[self.base_task].eval()
+        return self
+
+    def trained_tasks(self) -> list[str]:
+        """The tasks whose losses train the current phase."""
+        return [self.base_task] if int(self.phase) == 0 else list(self.sub_tasks)
+
+    # ------------------------------------------------------------------ weights
+    def task_weights(self, task: str) -> Weights:
+        """Every encoder linear's (weight, bias) for ``task`` (sampled gates in training mode)."""
+        base = self.encoder.weights()
+        if task == self.base_task:
+            return base
+        deltas = self.deltas[task]
+        return {name: deltas[_key(name)].apply(*base[name]) for name in self.encoder.linear_names}
+
+    def effective_deltas(self, task: str) -> dict[str, torch.Tensor]:
+        """The test-time ``dW`` (with the bias column) of every linear of a sub-task."""
+        return {name: self.deltas[task][_key(name)].effective() for name in self.encoder.linear_names}
+
+    def expected_l0(self) -> torch.Tensor:
+        return sum(
+            (delta.gate.expected_l0() for deltas in self.deltas.values() for delta in deltas.values()),
+            torch.zeros(()),
+        )
+
+    # ------------------------------------------------------------------ training forward
+    def encode(self, image: torch.Tensor, task: str, record: bool = False) -> tuple[torch.Tensor, Any, DenseExecutor]:
+        executor = DenseExecutor(self.task_weights(task), record=record)
+        tokens, grid = self.encoder(image, executor)
+        return tokens, grid, executor
+
+    def forward(self, image: torch.Tensor) -> dict[str, Any]:
+        size = tuple(image.shape[-2:])
+        phase = int(self.phase)
+        sharing_loss = self.training and phase >= 3 and self.sharing.activation_weight > 0
+        pred, features, extra = {}, {}, {}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and phase == 0):
+            tokens, grid, base_run = self.encode(image, self.base_task, record=sharing_loss)
+            pred[self.base_task], features[self.base_task] = self.decoders[self.base_task](tokens, grid, size)
+        if not self.training or phase >= 1:
+            activation = image.new_zeros(())
+            for task in self.sub_tasks:
+                tokens, grid, run = self.encode(image, task, record=sharing_loss)
+                pred[task], features[task] = self.decoders[task](tokens, grid, size)
+                if sharing_loss:
+                    activation = activation + sum(
+                        (run.activations[n] - base_run.activations[n]).abs().mean() for n in run.activations
+                    )
+            if sharing_loss:
+                extra["activation"] = self.sharing.activation_weight * activation
+        if self.training and phase == 1 and self.sharing.l0_weight > 0:
+            extra["l0"] = self.sharing.l0_weight * self.expected_l0()
+        if self.training and self.sharing.temporal_weight > 0:
+            extra["temporal"] = self.sharing.temporal_weight * self.temporal_loss(image)
+        return {"pred": {t: pred[t] for t in self.tasks if t in pred}, "features": features, "extra_losses": extra}
+
+    def temporal_loss(self, image: torch.Tensor) -> torch.Tensor:
+        """Mean L1 between the trained encoders' activations on ``image`` and on a shifted copy of it."""
+        shift = self.sharing.temporal_shift
+        dy, dx = (int(v) for v in torch.randint(-shift, shift + 1, (2,)))
+        moved = torch.roll(image, shifts=(dy, dx), dims=(-2, -1))
+        total = image.new_zeros(())
+        for task in self.trained_tasks():
+            _, _, now = self.encode(image, task, record=True)
+            _, _, then = self.encode(moved, task, record=True)
+            total = total + sum((now.activations[n] - then.activations[n]).abs().mean() for n in now.activations)
+        return total
+
+
+def build_sharing_model(config: Config, info: DatasetInfo, tasks: dict[str, Task]) -> SharingModel:
+    """The sharing model for ``config`` (``model.arch: sharing``); the ViT size comes from ``model.backbone_args``."""
+    size = config.data.crop_size or [config.data.synthetic.height, config.data.synthetic.width]
+    return SharingModel(config.model, config.sharing, tasks, (int(size[0]), int(size[1])))
+
+
+# ---------------------------------------------------------------------- storage
+def delta_storage(model: SharingModel) -> dict[str, dict[str, float]]:
+    """Per sub-task: non-zero delta entries, their share, and sparse (int32 index + fp32 value) vs full bytes."""
+    report = {}
+    for task in model.sub_tasks:
+        deltas = model.effective_deltas(task)
+        nonzero = sum(int((d != 0).sum()) for d in deltas.values())
+        total = sum(d.numel() for d in deltas.values())
+        report[task] = {
+            "nonzero": nonzero,
+            "total": total,
+            "share": nonzero / max(total, 1),
+            "sparse_bytes": nonzero * 8,
+            "full_bytes": total * 4,
+        }
+    return report
+
+
+# ---------------------------------------------------------------------- token-skipping inference
+class WeightCorrection:
+    """``dW x + db`` for tokens a sub-task takes from the base: a CSR product when ``dW`` is sparse enough."""
+
+    def __init__(self, delta: torch.Tensor, sparse_below: float = SPARSE_BELOW) -> None:
+        weight = delta[:, :-1].contiguous()
+        self.bias = delta[:, -1].contiguous()
+        self.nonzero = int((weight != 0).sum())
+        self.empty = self.nonzero == 0 and not bool(self.bias.any())
+        self.sparse = self.nonzero < sparse_below * weight.numel()
+        if self.sparse:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+                self.matrix = weight.to_sparse_csr()
+        else:
+            self.matrix = weight
+        self.flops_per_token = 2 * (self.nonzero if self.sparse else weight.numel())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sparse:
+            return (self.matrix @ x.T).T + self.bias
+        return F.linear(x, self.matrix, self.bias)
+
+
+class ReuseExecutor:
+    """Starts every linear and attention from a reference run and recomputes only significant tokens.
+
+    ``refs`` gives each layer's reference (the base run of the same frame, or this task's previous frame),
+    ``thresholds`` each layer's tau, ``corrections`` the weight-delta term for layers whose reference was
+    computed with other weights. ``trace`` is this run's own trace (reference inputs updated only where
+    recomputed), ``flops`` the matrix-product FLOPs executed, ``recomputed[name] = (computed, total)``.
+    """
+
+    def __init__(
+        self, weights: Weights, refs: Trace, thresholds: dict[str, float], corrections: dict[str, WeightCorrection]
+    ) -> None:
+        self.weights = weights
+        self.refs = refs
+        self.thresholds = thresholds
+        self.corrections = corrections
+        self.trace: Trace = {}
+        self.flops = 0
+        self.recomputed: dict[str, tuple[int, int]] = {}
+        self._change: dict[str, torch.Tensor] = {}
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        ref = self.refs[name]
+        tau = self.thresholds[name]
+        weight, bias = self.weights[name]
+        flat = x.reshape(-1, x.shape[-1])
+        selected = ((flat - ref.x).abs().amax(dim=1) > tau).nonzero().squeeze(1)
+        y, new_x = ref.y.clone(), ref.x.clone()
+        if selected.numel():
+            rows = flat.index_select(0, selected)
+            y.index_copy_(0, selected, F.linear(rows, weight, bias))
+            new_x.index_copy_(0, selected, rows)
+            self.flops += 2 * selected.numel() * weight.shape[0] * weight.shape[1]
+        correction = self.corrections.get(name)
+        if correction is not None and not correction.empty and selected.numel() < flat.shape[0]:
+            reused = torch.ones(flat.shape[0], dtype=torch.bool)
+            reused[selected] = False
+            rest = reused.nonzero().squeeze(1)
+            delta = correction(ref.x.index_select(0, rest))
+            self.flops += correction.flops_per_token * rest.numel()
+            keep = delta.abs().amax(dim=1) > tau
+            y.index_add_(0, rest[keep], delta[keep])
+        self.recomputed[name] = (selected.numel(), flat.shape[0])
+        self.trace[name] = LinearRef(new_x, y)
+        if name.endswith(".qkv"):
+            self._change[name] = (y - ref.y).abs().amax(dim=1).view(x.shape[:-1])
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def attention(self, name: str, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+        ref = self.refs[name]
+        tau = self.thresholds[name]
+        change = self._change.pop(name.replace(".attn", ".qkv"))
+        batch, tokens, width = ref.out.shape
+        changed = change > 0
+        if not bool(changed.any()):
+            self.trace[name] = ref
+            self.recomputed[name] = (0, batch * tokens)
+            return ref.out
+        q, k, v = split_heads(qkv, heads)
+        probs, out = ref.probs.clone(), ref.out.clone()
+        computed = 0
+        for b in range(batch):
+            columns = changed[b].nonzero().squeeze(1)
+            estimate = (ref.probs[b][:, :, columns] @ change[b, columns]).amax(dim=0)
+            self.flops += 2 * heads * tokens * columns.numel()
+            rows = (changed[b] | (estimate > tau)).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            row_probs, row_out = attend(q[b][:, rows], k[b], v[b])
+            probs[b][:, rows] = row_probs
+            out[b, rows] = row_out.transpose(0, 1).flatten(1)
+            self.flops += 4 * rows.numel() * tokens * width
+            computed += rows.numel()
+        self.recomputed[name] = (computed, batch * tokens)
+        self.trace[name] = AttentionRef(probs, out)
+        return out
+
+
+@dataclass
+class FrameResult:
+    """Raw outputs of every task, the traces to reuse on the next frame, and what the frame cost."""
+
+    pred: dict[str, torch.Tensor]
+    traces: dict[str, Trace]
+    flops: dict[str, int]
+    recomputed: dict[str, float] = field(default_factory=dict)  # task -> share of linear tokens computed
+
+
+class SharedInference:
+    """Token-skipping inference of a trained :class:`SharingModel` (see the module docstring).
+
+    ``threshold`` (tau between a sub-task and the base; a float or ``{layer name: tau}``),
+    ``temporal_threshold`` (tau between frames), ``video_task_layers`` (sub-task blocks that keep the
+    current base as reference on non-key frames).
+    """
+
+    def __init__(
+        self,
+        model: SharingModel,
+        threshold: float | dict[str, float] = 0.15,
+        temporal_threshold: float | None = None,
+        video_task_layers: int | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.encoder = model.encoder
+        names = self.encoder.linear_names + [f"blocks.{i}.attn" for i in range(len(self.encoder.blocks))]
+        self.names = names
+        self.task_tau = self._per_layer(threshold, names)
+        self.time_tau = self._per_layer(
+            model.sharing.temporal_threshold if temporal_threshold is None else temporal_threshold, names
+        )
+        self.task_layers = model.sharing.video_task_layers if video_task_layers is None else video_task_layers
+        with torch.no_grad():
+            base = {name: (w.detach(), b.detach()) for name, (w, b) in self.encoder.weights().items()}
+            self.weights: dict[str, Weights] = {model.base_task: base}
+            self.corrections: dict[str, dict[str, WeightCorrection]] = {}
+            for task in model.sub_tasks:
+                deltas = model.effective_deltas(task)
+                self.weights[task] = {
+                    name: (base[name][0] + d[:, :-1], base[name][1] + d[:, -1]) for name, d in deltas.items()
+                }
+                self.corrections[task] = {name: WeightCorrection(d) for name, d in deltas.items()}
+
+    @staticmethod
+    def _per_layer(value: float | dict[str, float], names: list[str]) -> dict[str, float]:
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(names))
+            if unknown:
+                raise ConfigError(f"thresholds for unknown layers: {', '.join(unknown)} (known: {', '.join(names)})")
+            return {name: float(value.get(name, 0.0)) for name in names}
+        return dict.fromkeys(names, float(value))
+
+    def _block(self, name: str) -> int:
+        return -1 if name == "patch" else int(name.split(".")[1])
+
+    def _decode(self, task: str, tokens: torch.Tensor, grid: Any, size: tuple, count: bool) -> tuple[torch.Tensor, int]:
+        decoder = self.model.decoders[task]
+        if not count:
+            return decoder(tokens, grid, size)[0], 0
+        with FlopCounterMode(display=False) as counter:
+            raw = decoder(tokens, grid, size)[0]
+        return raw, counter.get_total_flops()
+
+    @torch.no_grad()
+    def dense(self, image: torch.Tensor, count: bool = False) -> FrameResult:
+        """Every task computed in full (the reference the savings are measured against)."""
+        size = tuple(image.shape[-2:])
+        pred, flops, traces = {}, {}, {}
+        for task in self.model.tasks:
+            executor = DenseExecutor(self.weights[task], trace=True)
+            tokens, grid = self.encoder(image, executor)
+            pred[task], decoder_flops = self._decode(task, tokens, grid, size, count)
+            flops[task] = executor.flops + decoder_flops
+            traces[task] = executor.trace
+        return FrameResult(pred, traces, flops, dict.fromkeys(pred, 1.0))
+
+    @torch.no_grad()
+    def run(
+        self, image: torch.Tensor, previous: FrameResult | None = None, keyframe: bool = True, count: bool = False
+    ) -> FrameResult:
+        """One frame: the base densely on a keyframe (else reusing ``previous``), sub-tasks from the base."""
+        size = tuple(image.shape[-2:])
+        base = self.model.base_task
+        temporal = previous is not None and not keyframe
+        pred, flops, traces, recomputed = {}, {}, {}, {}
+        if temporal:
+            executor = ReuseExecutor(self.weights[base], previous.traces[base], self.time_tau, {})
+        else:
+            executor = DenseExecutor(self.weights[base], trace=True)
+        tokens, grid = self.encoder(image, executor)
+        pred[base], decoder_flops = self._decode(base, tokens, grid, size, count)
+        flops[base] = executor.flops + decoder_flops
+        traces[base] = executor.trace
+        recomputed[base] = self._share(executor)
+        for task in self.model.sub_tasks:
+            refs, taus, corrections = {}, {}, {}
+            for name in self.names:
+                if temporal and self._block(name) >= self.task_layers:
+                    refs[name], taus[name] = previous.traces[task][name], self.time_tau[name]
+                else:
+                    refs[name], taus[name] = traces[base][name], self.task_tau[name]
+                    if name in self.corrections[task]:
+                        corrections[name] = self.corrections[task][name]
+            executor = ReuseExecutor(self.weights[task], refs, taus, corrections)
+            tokens, grid = self.encoder(image, executor)
+            pred[task], decoder_flops = self._decode(task, tokens, grid, size, count)
+            flops[task] = executor.flops + decoder_flops
+            traces[task] = executor.trace
+            recomputed[task] = self._share(executor)
+        return FrameResult({t: pred[t] for t in self.model.tasks}, traces, flops, recomputed)
+
+    @staticmethod
+    def _share(executor: DenseExecutor | ReuseExecutor) -> float:
+        """Share of linear-layer tokens actually computed (1 for a dense run)."""
+        if isinstance(executor, DenseExecutor):
+            return 1.0
+        done = sum(c for n, (c, _) in executor.recomputed.items() if not n.endswith(".attn"))
+        total = sum(t for n, (_, t) in executor.recomputed.items() if not n.endswith(".attn"))
+        return done / max(total, 1)
