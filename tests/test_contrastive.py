@@ -186,8 +186,9 @@ def test_regularizer_is_minimal_for_features_that_encode_the_source_labels(loss:
     one_hot = F.one_hot(ids, 8).permute(0, 3, 1, 2).float()[:, :, ::STRIDE, ::STRIDE]
     shuffled = one_hot.flatten(2)[:, :, torch.randperm(one_hot[0, 0].numel())].view_as(one_hot)
     generator = torch.Generator().manual_seed(3)
-    low = reg.pair_loss("saliency", source, one_hot, batch[source], generator)
-    high = reg.pair_loss("saliency", source, shuffled, batch[source], generator)
+    pairs = [reg.pair_loss("saliency", source, features, batch[source], generator) for features in (one_hot, shuffled)]
+    (low, usable), (high, _) = pairs
+    assert usable
     assert low.item() < 0.05 and high.item() > 10 * max(low.item(), 0.05)
 
 
@@ -226,6 +227,8 @@ def test_degenerate_batches_give_a_zero_that_backpropagates() -> None:
     assert total.item() == 0.0 and total.requires_grad
     total.backward()
     assert reg.last_losses == {}
+    grads = [projector.layers[0].weight.grad for projector in reg.projectors.values()]
+    assert all(grad is not None and not grad.any() for grad in grads)  # zero, but present on every rank
 
 
 def test_the_same_seed_reproduces_sources_and_samples() -> None:

@@ -247,7 +247,7 @@ class ContrastiveRegularizer(nn.Module):
         )
         self.seed = torch.initial_seed() if config.seed is None else config.seed
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-        self.last_losses: dict[str, float] = {}  # "target<-source": unweighted loss of the last call
+        self.last_losses: dict[str, torch.Tensor] = {}  # "target<-source": unweighted loss of the last call
 
     def _generator(self, device: torch.device) -> torch.Generator:
         generator = torch.Generator(device=device)
@@ -256,8 +256,12 @@ class ContrastiveRegularizer(nn.Module):
 
     def pair_loss(
         self, target: str, source: str, features: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor | None:
-        """Unweighted loss of target's features against source's labels; None when the batch gives no anchor."""
+    ) -> tuple[torch.Tensor, bool]:
+        """Unweighted loss of target's features against source's labels, and whether any anchor had pairs.
+
+        Without anchors the loss is a zero that still reaches the pair's projector, so every rank of a
+        distributed run holds a gradient for the same projectors (the source draws agree across ranks).
+        """
         relation = self.relations[source]
         labels = labels_at(labels, tuple(features.shape[-2:]))
         per_image = -(-self.config.num_pixels // labels.shape[0])
@@ -266,31 +270,36 @@ class ContrastiveRegularizer(nn.Module):
         embedding = self.projectors[_pair_key(target, source)](features[b, :, y, x].float())
         positive, negative = relation.relate(relation.values(labels, sample))
         if self.config.loss == "triplet":
-            return triplet_loss(embedding, positive, negative, self.config.margin)
-        return infonce_loss(embedding, positive, negative, self.config.temperature)
+            loss = triplet_loss(embedding, positive, negative, self.config.margin)
+        else:
+            loss = infonce_loss(embedding, positive, negative, self.config.temperature)
+        if loss is None:
+            return embedding.sum() * 0.0, False
+        return loss, True
 
     def forward(
         self, features: dict[str, torch.Tensor], batch: dict, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """``weight`` x mean over targets of the pair losses; a zero with a graph when nothing applies."""
+        """``weight`` x the mean of the pair losses over targets with anchors (zero, with a graph, if none)."""
         missing = [name for name in self.task_names if name not in features or name not in batch]
         if missing:
             raise ConfigError(f"contrastive: no decoder features or labels for task(s) {', '.join(missing)}")
         if generator is None:
             generator = self._generator(next(iter(features.values())).device)
         self.calls += 1
-        losses = []
+        used, unused = [], []
         self.last_losses = {}
         for target in self.task_names:
             others = [name for name in self.task_names if name != target]
             source = others[int(torch.randint(len(others), (1,), generator=generator, device=generator.device))]
-            loss = self.pair_loss(target, source, features[target], batch[source], generator)
-            if loss is not None:
-                losses.append(loss)
-                self.last_losses[f"{target}<-{source}"] = float(loss.detach())
-        if not losses:
-            return sum(f.float().sum() for f in features.values()) * 0.0
-        return self.config.weight * torch.stack(losses).mean()
+            loss, usable = self.pair_loss(target, source, features[target], batch[source], generator)
+            (used if usable else unused).append(loss)
+            if usable:
+                self.last_losses[f"{target}<-{source}"] = loss.detach()
+        total = torch.stack(unused).sum() if unused else 0.0
+        if used:
+            total = total + self.config.weight * torch.stack(used).mean()
+        return total
 
 
 def _check(config: ContrastiveConfig, tasks: dict[str, Task], feature_channels: dict[str, int]) -> None:
