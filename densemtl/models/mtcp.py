@@ -112,14 +112,16 @@ class CrossTaskFusion(nn.Module):
         self.value = nn.Conv2d(channels, inner, 1)
         self.out = nn.Sequential(nn.Conv2d(inner, channels, 1, bias=False), nn.BatchNorm2d(channels))
 
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        if self.attention_size is None:
-            return x
-        h, w = x.shape[-2:]
-        factor = math.ceil(max(h, w) / self.attention_size)
+    def key_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The grid the keys and values are pooled to for a ``height`` x ``width`` map."""
+        factor = 1 if self.attention_size is None else math.ceil(max(height, width) / self.attention_size)
         if factor <= 1:
-            return x
-        return F.adaptive_avg_pool2d(x, (math.ceil(h / factor), math.ceil(w / factor)))
+            return height, width
+        return math.ceil(height / factor), math.ceil(width / factor)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.key_grid(*x.shape[-2:])
+        return x if grid == tuple(x.shape[-2:]) else F.adaptive_avg_pool2d(x, grid)
 
     def forward(self, own: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
         main = self.main(own)
