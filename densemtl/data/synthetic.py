@@ -462,17 +462,15 @@ def _cast(scene: Scene, camera: Camera, rays: np.ndarray) -> tuple[np.ndarray, n
     height, width = rays.shape[1:]
     origin = camera.position.astype(np.float32)
     size = scene.size.astype(np.float32)
-    planes = np.where(rays > 0, size[:, None, None], 0.0).astype(np.float32)
-    room = (planes - origin[:, None, None]) / rays
-    axis = room.argmin(axis=0)
-    depth = np.take_along_axis(room, axis[None], axis=0)[0]
-    positive = np.take_along_axis(rays, axis[None], axis=0)[0] > 0
-    normals = np.zeros((3, height, width), np.float32)
-    rows, cols = np.indices((height, width))
-    normals[axis, rows, cols] = np.where(positive, -1.0, 1.0)
+    positive = rays > 0
+    room = (np.where(positive, size[:, None, None], np.float32(0)) - origin[:, None, None]) / rays
+    depth = np.minimum(np.minimum(room[0], room[1]), room[2])
+    hit_x = room[0] == depth
+    hit_y = ~hit_x & (room[1] == depth)
+    hit_z = ~hit_x & ~hit_y
+    normals = np.where(positive, np.float32(-1), np.float32(1)) * np.stack([hit_x, hit_y, hit_z])
     # Room faces: floor 0, ceiling 1, walls x=0 / x=W 2 / 3, walls z=0 / z=D 4 / 5.
-    faces = np.array([[2, 3], [0, 1], [4, 5]])
-    instance = faces[axis, positive.astype(np.int64)]
+    instance = np.where(hit_x, 2 + positive[0], np.where(hit_y, positive[1], 4 + positive[2])).astype(np.int64)
     primitive = instance.copy()
     for number, shape in enumerate(scene.primitives, start=6):
         window = _project(camera, shape.corners(), height, width)
@@ -522,6 +520,9 @@ def _albedo(scene: Scene, points: np.ndarray, normals: np.ndarray, instance: np.
     return colour1 + (colour2 - colour1) * mix
 
 
+_GAMMA = (np.linspace(0, 1, 4096) ** (1 / 1.4) * 255 + 0.5).astype(np.uint8)  # linear -> display
+
+
 def render(scene: Scene, camera: Camera, height: int, width: int, rng: np.random.Generator) -> dict[str, Any]:
     """Render one view: image (uint8 H x W x 3) and every label, plus ``instance`` (H x W)."""
     basis = np.stack([camera.right, camera.up, camera.forward], axis=1).astype(np.float32)
@@ -536,7 +537,7 @@ def render(scene: Scene, camera: Camera, height: int, width: int, rng: np.random
     shade = scene.ambient + scene.light_power * lambert / (1.0 + 0.4 * distance2) + 0.1 * flat_normals[1]
     colour = _albedo(scene, points, flat_normals, instance.reshape(-1)) * shade
     colour += rng.standard_normal(colour.shape, dtype=np.float32) * 0.01
-    image = (np.clip(colour, 0, 1) ** (1 / 1.4) * 255 + 0.5).astype(np.uint8)
+    image = _GAMMA[(np.clip(colour, 0, 1) * (len(_GAMMA) - 1) + 0.5).astype(np.int64)]
     camera_normals = (basis.T @ flat_normals) * np.array([[1.0], [1.0], [-1.0]], np.float32)
     semseg = np.asarray(scene.classes, np.uint8)[instance]
     return {
