@@ -38,17 +38,19 @@ def tiny_config(tmp_path: Path, *overrides: str) -> Config:
     return load_config(None, base + list(overrides))
 
 
-def make_trainer(config: Config, run_dir: Path | None = None, **kwargs: Any) -> Trainer:
-    """A single-process CPU trainer for ``config`` on its synthetic data (seeded like run_training)."""
+def make_trainer(
+    config: Config, run_dir: Path | None = None, model_class: type[nn.Module] | None = None, **kwargs: Any
+) -> Trainer:
+    """A CPU trainer for ``config`` on its synthetic data (seeded like run_training); one process unless
+    ``dist_info`` is given. ``model_class(tasks)`` replaces the config's model."""
     torch.manual_seed(config.train.seed)
     train_set = build_dataset(config.data, "train", train=True)
     tasks = build_tasks(config.data.tasks, train_set.info, config.loss.normals_loss)
-    model = build_model(config, train_set.info, tasks)
+    model = model_class(tasks) if model_class else build_model(config, train_set.info, tasks)
     objective = build_objective(config, tasks, model.feature_channels)
-    return Trainer(
-        config, model, objective, train_set, run_dir or Path(config.out_dir), info=train_set.info,
-        dist_info=DistInfo(), device=torch.device("cpu"), **kwargs,
-    )
+    kwargs.setdefault("dist_info", DistInfo())
+    kwargs.setdefault("device", torch.device("cpu"))
+    return Trainer(config, model, objective, train_set, run_dir or Path(config.out_dir), info=train_set.info, **kwargs)
 
 
 def read_log(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:

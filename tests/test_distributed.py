@@ -1,0 +1,115 @@
+"""DDP on two gloo processes trains exactly like one process on the same global batch.
+
+The network here has no BatchNorm: under DDP each rank normalises with its own batch statistics (and
+SyncBatchNorm runs only on GPUs), so a BatchNorm model legitimately differs from one process on the
+full batch. With GroupNorm, fully valid targets and equal per-rank batches, the average of the ranks'
+gradients is the gradient of the global batch, so the weights must agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from densemtl.data import build_dataset
+from densemtl.engine import distributed
+from densemtl.engine.checkpoint import load_checkpoint
+from densemtl.engine.distributed import DistInfo, ResumableSampler
+from densemtl.tasks import Task
+from tests.test_train import make_trainer, read_log, tiny_config
+
+OVERRIDES = ["data.tasks=[semseg,depth]", "data.flip=false", "train.steps=3", "train.lr=1e-2", "train.warmup_steps=0"]
+PER_RANK_BATCH = 2
+
+
+class GroupNormNet(nn.Module):
+    """A tiny model following the model contract, normalised with GroupNorm (no batch statistics)."""
+
+    def __init__(self, tasks: dict[str, Task]) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU())
+        self.heads = nn.ModuleDict({name: nn.Conv2d(8, task.channels, 1) for name, task in tasks.items()})
+        self.feature_channels = {name: 8 for name in tasks}
+
+    def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        feature = self.body(image)
+        pred = {name: head(feature) for name, head in self.heads.items()}
+        return {"pred": pred, "features": dict.fromkeys(self.tasks, feature)}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    config = tiny_config(Path(tmp), *OVERRIDES, f"data.batch_size={PER_RANK_BATCH}")
+    dist_info, device = distributed.setup("cpu")
+    try:
+        trainer = make_trainer(config, Path(tmp) / "ddp", GroupNormNet, dist_info=dist_info, device=device)
+        trainer.fit()
+    finally:
+        distributed.cleanup()
+
+
+def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    world = 2
+    config = tiny_config(tmp_path, *OVERRIDES, f"data.batch_size={PER_RANK_BATCH * world}")
+    data = build_dataset(config.data, "train", train=True)  # also fills the cache the workers read
+    for index in range(len(data)):  # fully valid targets: per-rank means average to the global mean
+        assert (data[index]["semseg"] != 255).all() and (data[index]["depth"] > 0).all()
+    single = make_trainer(config, tmp_path / "single", GroupNormNet)
+    initial = {k: v.clone() for k, v in single.model.state_dict().items()}
+    single.fit()
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+
+    one = load_checkpoint(tmp_path / "single" / "checkpoints" / "last.pt")["model"]
+    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
+    assert ddp["step"] == 3 and len(ddp["rng"]) == world  # every rank's RNG state is kept for resume
+    for name, value in one.items():
+        assert not torch.allclose(value, initial[name]) or name.endswith("bias"), f"{name} did not train"
+        assert torch.allclose(ddp["model"][name], value, rtol=1e-4, atol=1e-6), f"{name}: DDP != single process"
+    assert [r["step"] for r in read_log(tmp_path / "ddp")] == [1, 2, 3]  # only rank 0 wrote the log
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_batches_together_are_the_single_process_batch(tmp_path: Path, world: int) -> None:
+    data = list(range(24))
+    single = list(ResumableSampler(data, DistInfo(), seed=7))
+    ranks = [list(ResumableSampler(data, DistInfo(rank=r, world_size=world), seed=7)) for r in range(world)]
+    per_rank = 2
+    for batch in range(len(ranks[0]) // per_rank):
+        together = sorted(i for r in ranks for i in r[batch * per_rank : (batch + 1) * per_rank])
+        assert together == sorted(single[batch * per_rank * world : (batch + 1) * per_rank * world])
+
+
+def test_sampler_starts_part_way_into_an_epoch() -> None:
+    sampler = ResumableSampler(list(range(10)), DistInfo(), seed=0)
+    sampler.set_position(3, 0)
+    full = list(sampler)
+    sampler.set_position(3, 4)
+    assert list(sampler) == full[4:] and len(sampler) == 6
+    sampler.set_position(4, 0)
+    assert list(sampler) != full  # a new permutation each epoch
+
+
+def test_environment_and_helpers_in_a_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    info = distributed.env_info()
+    assert (info.rank, info.world_size, info.local_rank, info.is_main, info.enabled) == (3, 8, 1, False, True)
+    value = torch.tensor([2.0, 4.0])
+    assert torch.equal(distributed.all_reduce_mean(value), value)
+    assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
