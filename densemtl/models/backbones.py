@@ -142,16 +142,25 @@ class Family:
     kind: str  # "backbone" (feature_maps), "hidden" (hidden_states maps) or "vit" (tokens)
     fixed: dict[str, Any] = field(default_factory=dict)  # config fields the wrapper needs
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Modules (replaced by identities) and parameters (frozen) the features never use: no wasted
+    # compute, and DDP needs no ``find_unused_parameters``.
+    unused: tuple[str, ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
     "resnet": Family("ResNetConfig", "ResNetBackbone", "backbone", {"out_features": STAGES}),
     "convnext": Family("ConvNextConfig", "ConvNextBackbone", "backbone", {"out_features": STAGES}),
-    "swin": Family("SwinConfig", "SwinBackbone", "backbone", {"out_features": STAGES}),
-    "mobilenetv2": Family("MobileNetV2Config", "MobileNetV2Model", "hidden", model_kwargs={"add_pooling_layer": False}),
+    "swin": Family("SwinConfig", "SwinBackbone", "backbone", {"out_features": STAGES}, unused=("swin.layernorm",)),
+    "mobilenetv2": Family(
+        "MobileNetV2Config",
+        "MobileNetV2Model",
+        "hidden",
+        model_kwargs={"add_pooling_layer": False},
+        unused=("conv_1x1",),
+    ),
     "segformer": Family("SegformerConfig", "SegformerModel", "hidden", {"reshape_last_stage": True}),
     "vit": Family("ViTConfig", "ViTModel", "vit", model_kwargs={"add_pooling_layer": False}),
-    "dinov2": Family("Dinov2Config", "Dinov2Model", "vit"),
+    "dinov2": Family("Dinov2Config", "Dinov2Model", "vit", unused=("embeddings.mask_token",)),
 }
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -222,6 +231,13 @@ def build_backbone(model_config: ModelConfig) -> Backbone:
             model = model_class(config, **family.model_kwargs)
         except (TypeError, ValueError, AttributeError) as err:
             raise ConfigError(f"model.backbone_args: invalid for backbone '{name}': {err}") from None
+    for path in family.unused:
+        parent_path, _, attribute = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        if isinstance(getattr(parent, attribute), nn.Parameter):
+            getattr(parent, attribute).requires_grad_(False)
+        else:
+            setattr(parent, attribute, nn.Identity())
     if family.kind == "backbone":
         return HFBackbone(model)
     if family.kind == "hidden":
