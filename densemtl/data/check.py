@@ -163,6 +163,7 @@ def check_dataset(root: Path, dataset: str | None = None, quick: bool = False) -
         counts, split_problems = _check_split(cls, root, split, names, quick)
         problems += split_problems
         rows.append([split, str(len(set(names))), *(str(counts[s]) for s in sources), str(counts["opened"])])
+    problems = list(dict.fromkeys(problems))  # a file listed in two splits is reported once
     print(title)
     print(_table(rows))
     print(f"{len(problems)} problem(s)" + (" (quick: a sample of each split opened)" if quick else ""))
