@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from densemtl.config import ContrastiveConfig
+from densemtl.config import Config, ContrastiveConfig, load_config
+from densemtl.data import build_dataset
 from densemtl.data.base import DatasetInfo
+from densemtl.engine.bench import run_bench
+from densemtl.engine.checkpoint import load_checkpoint, load_model
+from densemtl.engine.distributed import DistInfo
+from densemtl.engine.objective import build_objective
+from densemtl.engine.train import Trainer
 from densemtl.errors import ConfigError
 from densemtl.losses.contrastive import (
     ClassRelation,
@@ -22,6 +30,7 @@ from densemtl.losses.contrastive import (
     sample_pixels,
     triplet_loss,
 )
+from densemtl.models import build_model
 from densemtl.tasks import IGNORE_INDEX, build_tasks
 
 INFO = DatasetInfo("toy", ("semseg", "depth", "normals", "edge", "saliency"), num_classes={"semseg": 4})
@@ -261,3 +270,53 @@ def test_bad_settings_are_config_errors() -> None:
     reg = regularizer(["semseg", "depth"])
     with pytest.raises(ConfigError, match="depth"):
         reg({"semseg": torch.randn(B, 8, 8, 12)}, toy_batch())
+
+
+def tiny_config(tmp_path: Path, *overrides: str) -> Config:
+    """A unit-test-sized synthetic run with the regularizer on: 32x48 frames, batch 4, the CPU backbone."""
+    return load_config(
+        None,
+        [
+            "data.synthetic.height=32", "data.synthetic.width=48", "data.synthetic.num_train=8",
+            "data.synthetic.num_val=2", "data.synthetic.num_test=2", f"data.synthetic.cache_dir={tmp_path / 'cache'}",
+            "data.tasks=[semseg,depth,normals,edge]", "data.batch_size=4", "model.backbone=resnet-tiny",
+            "model.neck_channels=16", "model.head_channels=16", "train.device=cpu", "train.steps=3",
+            "train.warmup_steps=1", "train.log_every=1", "train.eval_every=1000", "train.checkpoint_every=1000",
+            "contrastive.enabled=true", "contrastive.num_pixels=64", f"out_dir={tmp_path / 'run'}", *overrides,
+        ],
+    )
+
+
+def test_training_updates_the_projectors_but_the_saved_model_has_none(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    torch.manual_seed(config.train.seed)
+    train_set = build_dataset(config.data, "train", train=True)
+    tasks = build_tasks(config.data.tasks, train_set.info)
+    model = build_model(config, train_set.info, tasks)
+    objective = build_objective(config, tasks, model.feature_channels)
+    before = {k: v.clone() for k, v in objective.regularizer.state_dict().items()}
+    trainer = Trainer(
+        config, model, objective, train_set, config.out_dir, info=train_set.info,
+        dist_info=DistInfo(), device=torch.device("cpu"),
+    )
+    trainer.fit()
+    log = [json.loads(line) for line in (Path(config.out_dir) / "log.jsonl").read_text().splitlines()]
+    assert all(record["loss/contrastive"] > 0 for record in log if record["kind"] == "train")
+    state = load_checkpoint(Path(config.out_dir) / "checkpoints" / "last.pt")
+    plain = build_model(tiny_config(tmp_path, "contrastive.enabled=false"), train_set.info, tasks)
+    assert set(state["model"]) == set(plain.state_dict())  # no projector in the inference weights
+    assert not any("projector" in key for key in state["model"])
+    saved = {k.removeprefix("regularizer."): v for k, v in state["balancer"].items() if k.startswith("regularizer.")}
+    assert saved["calls"] == 3
+    changed = [k for k in before if k != "calls" and not torch.equal(before[k], saved[k])]
+    assert changed  # the optimiser reached the projectors drawn during the 3 steps
+    assert load_model(Path(config.out_dir) / "checkpoints" / "last.pt").model.feature_channels == model.feature_channels
+
+
+def test_bench_counts_are_the_same_with_and_without_the_regularizer(tmp_path: Path) -> None:
+    figures = [
+        run_bench(tiny_config(tmp_path, f"contrastive.enabled={flag}"), tmp_path / f"bench_{flag}.json", repeats=1)
+        for flag in ("true", "false")
+    ]
+    assert figures[0]["parameters"] == figures[1]["parameters"]
+    assert figures[0]["gflops"] == figures[1]["gflops"]
