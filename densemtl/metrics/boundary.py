@@ -1,0 +1,139 @@
+"""Boundary detection: ODS F, OIS F and AP as SEISM (the BSDS benchmark code) computes them.
+
+Per image, as the field's pipeline does it (HED ``nms_process`` then SEISM's ``edgesEvalImg``):
+
+1. the soft prediction is NMS-thinned (:func:`densemtl.metrics.edge_nms.edge_nms`) and rounded to
+   8 bits, as the field writes it to PNG before SEISM reads it back;
+2. for each threshold t of ``linspace(1/(K+1), 1 - 1/(K+1), K)`` (0.01..0.99 for K = 99) the map
+   ``nms >= t`` is thinned again (``bwmorph(..., 'thin', Inf)``: SEISM thins every thresholded
+   prediction; its ground truth comes from ``seg2bmap`` and is already one pixel wide, so the ground
+   truth is used as given here);
+3. predicted and ground-truth boundary pixels are matched one-to-one within
+   ``max_dist x image diagonal`` (0.011 NYUD-v2, 0.0075 PASCAL-Context), with the ``exact`` maximum
+   matching or the ``bsds`` assignment (:mod:`densemtl.metrics.boundary_match`);
+4. counts per threshold: matched ground truth (cntR), ground truth (sumR), matched prediction
+   (cntP), prediction (sumP).
+
+Pixels whose target is 255 (ignore / padding) are excluded from both sides: they are never
+ground-truth boundary pixels and predicted pixels there are dropped after the NMS.
+
+ODS = the best threshold's F of the split-level counts; OIS = F of the counts summed over images,
+each image at its own best threshold (SEISM's ``general_ois``); AP = the mean of the precision
+interpolated at recall 0, 0.01, .., 1 within the recall range reached (SEISM's ``general_ap``).
+All in percent. What ``sync`` sums: the per-threshold counts and the OIS counts (integers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from densemtl.metrics.base import CountMetric, as_numpy, check_shapes
+from densemtl.metrics.boundary_match import MATCHERS, bsds_counts, bsds_kernel, exact_counts
+from densemtl.metrics.edge_nms import edge_nms, quantize, thinned_levels
+from densemtl.tasks import IGNORE_INDEX
+
+
+def threshold_levels(count: int) -> np.ndarray:
+    """The benchmark's thresholds: ``count`` evenly spaced values strictly inside (0, 1)."""
+    return np.linspace(1.0 / (count + 1), 1.0 - 1.0 / (count + 1), count)
+
+
+def precision_recall(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, F) from ``[..., 4]`` counts (cntR, sumR, cntP, sumP), with SEISM's conventions.
+
+    No ground truth: recall 1, precision 0; no prediction: recall 0, precision 1 (F = 0 either way).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    cnt_r, sum_r, cnt_p, sum_p = np.moveaxis(counts, -1, 0)
+    no_gt = sum_r == 0
+    no_pred = (sum_p == 0) & ~no_gt
+    recall = np.where(no_gt, 1.0, np.where(no_pred, 0.0, cnt_r / np.maximum(sum_r, 1)))
+    precision = np.where(no_gt, 0.0, np.where(no_pred, 1.0, cnt_p / np.maximum(sum_p, 1)))
+    total = precision + recall
+    f = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
+    return precision, recall, f
+
+
+def average_precision(precision: np.ndarray, recall: np.ndarray) -> float:
+    """Precision interpolated at recall 0, 0.01, .., 1 inside the reached range, summed / 100."""
+    unique_recall, first = np.unique(recall, return_index=True)
+    if unique_recall.size < 2:
+        return 0.0
+    grid = np.arange(101) / 100.0
+    inside = (grid >= unique_recall[0]) & (grid <= unique_recall[-1])
+    return float(np.interp(grid[inside], unique_recall, precision[first]).sum() / 100.0)
+
+
+def image_counts(
+    prob: np.ndarray,
+    target: np.ndarray,
+    max_dist: float,
+    thresholds: np.ndarray,
+    matcher: str = "exact",
+) -> np.ndarray:
+    """``K x 4`` counts (cntR, sumR, cntP, sumP) of one H x W probability map against its target."""
+    valid = target != IGNORE_INDEX
+    gt = valid & (target > 0.5)
+    edges = quantize(edge_nms(prob, min_value=0.5 / 255))
+    edges[~valid] = 0
+    levels = thinned_levels(edges, thresholds)
+    counts = np.zeros((len(thresholds), 4), dtype=np.int64)
+    counts[:, 1] = np.count_nonzero(gt)
+    counts[:, 3] = [level.size for level in levels]
+    if matcher == "exact":
+        radius = max_dist * float(np.hypot(*gt.shape))
+        matched = exact_counts(levels, gt, radius)
+        counts[:, 0] = matched
+        counts[:, 2] = matched
+    else:
+        counts[:, 2], counts[:, 0] = bsds_counts(levels, gt, max_dist)
+    return counts
+
+
+class BoundaryMetric(CountMetric):
+    """``update(pred, target)`` with ``B x 1 x H x W`` probabilities and {0, 1, 255} targets."""
+
+    def __init__(self, max_dist: float, thresholds: int = 99, matcher: str = "exact") -> None:
+        if not 0 < max_dist < 1:
+            raise ValueError(f"boundary max_dist is a fraction of the diagonal in (0, 1), got {max_dist}")
+        if thresholds < 1:
+            raise ValueError(f"boundary thresholds must be positive, got {thresholds}")
+        if matcher not in MATCHERS:
+            raise ValueError(f"unknown boundary matcher '{matcher}' (known: {', '.join(MATCHERS)})")
+        if matcher == "bsds":
+            bsds_kernel()  # fail now, with the install hint, rather than after a model has run
+        self.max_dist = max_dist
+        self.matcher = matcher
+        self.thresholds = threshold_levels(thresholds)
+        super().__init__()
+
+    def zero_counts(self) -> dict[str, torch.Tensor]:
+        return {
+            "per_threshold": torch.zeros(len(self.thresholds), 4, dtype=torch.int64),
+            "ois": torch.zeros(4, dtype=torch.int64),
+        }
+
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
+        check_shapes(pred, target, "edge")
+        pred = as_numpy(pred).reshape(-1, *pred.shape[-2:])
+        target = as_numpy(target).reshape(-1, *target.shape[-2:])
+        for prob, gt in zip(pred, target, strict=True):
+            counts = image_counts(prob, gt, self.max_dist, self.thresholds, self.matcher)
+            self.add("per_threshold", counts)
+            best = int(np.argmax(precision_recall(counts)[2]))
+            self.add("ois", counts[best])
+
+    def curves(self) -> dict[str, np.ndarray]:
+        """Precision, recall and F per threshold of the split-level counts."""
+        precision, recall, f = precision_recall(self.counts["per_threshold"].numpy())
+        return {"threshold": self.thresholds, "precision": precision, "recall": recall, "f": f}
+
+    def compute(self) -> dict[str, float]:
+        curves = self.curves()
+        ois = precision_recall(self.counts["ois"].numpy())[2]
+        return {
+            "odsF": float(100.0 * curves["f"].max()),
+            "oisF": float(100.0 * ois),
+            "AP": 100.0 * average_precision(curves["precision"], curves["recall"]),
+        }

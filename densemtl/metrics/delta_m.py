@@ -1,0 +1,66 @@
+"""The multi-task performance delta against single-task baselines.
+
+delta_m = (1/T) sum_t (-1)^{l_t} (M_mt,t - M_st,t) / M_st,t * 100, with l_t = 1 when lower is better
+for task t's primary metric (``Task.primary_metric`` / ``Task.lower_is_better`` in
+:mod:`densemtl.tasks`: mIoU, rmse, mean angle, odsF, maxF). Positive = the multi-task model is better.
+
+Result files are the JSON the engine writes (``results.json`` of a run, or ``densemtl evaluate --out``):
+``{"results": {task: {metric: value, ...}, ...}, ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from densemtl.errors import DataError
+from densemtl.tasks import TASKS
+
+Results = dict[str, dict[str, float]]
+
+
+def load_results(path: str | Path) -> Results:
+    """The ``results`` mapping of one result file; a missing or malformed file is a DataError naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read result file ({err})") from None
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict) or not all(isinstance(v, dict) for v in results.values()):
+        raise DataError(f"{path}: expected {{\"results\": {{task: {{metric: value}}}}}}")
+    return results
+
+
+def load_baselines(paths: Iterable[str | Path]) -> Results:
+    """Merge single-task result files into one ``{task: metrics}``; a task found twice is an error."""
+    merged: Results = {}
+    for path in paths:
+        for task, metrics in load_results(path).items():
+            if task in merged:
+                raise DataError(f"{path}: task '{task}' already has a baseline from another file")
+            merged[task] = metrics
+    return merged
+
+
+def delta_m(results: Results, baselines: Results, tasks: Iterable[str] | None = None) -> float:
+    """delta_m in percent over ``tasks`` (default: every task in ``results``)."""
+    names = list(tasks) if tasks is not None else list(results)
+    if not names:
+        raise DataError("delta_m needs at least one task")
+    total = 0.0
+    for name in names:
+        if name not in TASKS:
+            raise DataError(f"delta_m: unknown task '{name}' (known: {', '.join(TASKS)})")
+        task = TASKS[name]
+        metric = task.primary_metric
+        for label, source in (("results", results), ("baselines", baselines)):
+            if metric not in source.get(name, {}):
+                raise DataError(f"delta_m: {label} have no '{metric}' for task '{name}'")
+        multi, single = float(results[name][metric]), float(baselines[name][metric])
+        if single == 0:
+            raise DataError(f"delta_m: the baseline '{metric}' of task '{name}' is 0")
+        sign = -1.0 if task.lower_is_better else 1.0
+        total += sign * (multi - single) / single
+    return 100.0 * total / len(names)

@@ -1,0 +1,62 @@
+"""Depth: errors pooled over every valid pixel of the split (valid = gt > 0), no median scaling.
+
+``rmse`` (metres) = sqrt(sum of squared errors / number of valid pixels of the split), as the
+multi-task field reports it; ``abs_rel`` = mean |p - g| / g; ``log10`` = mean |log10 p - log10 g|;
+``delta1..3`` = percentage of pixels with max(p/g, g/p) < 1.25^k. Predictions are clamped to
+at least 1 mm before the logarithm and the ratios (a non-positive depth has no logarithm).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from densemtl.metrics.base import CountMetric, as_numpy, check_shapes
+
+MIN_DEPTH = 1e-3
+
+
+class DepthMetric(CountMetric):
+    """``update(pred, target)`` with ``B x 1 x H x W`` depths in metres (target 0 = no measurement)."""
+
+    def zero_counts(self) -> dict[str, torch.Tensor]:
+        return {
+            "pixels": torch.zeros((), dtype=torch.int64),
+            "errors": torch.zeros(3, dtype=torch.float64),  # squared, abs-rel, abs log10
+            "within": torch.zeros(3, dtype=torch.int64),  # delta < 1.25, 1.25^2, 1.25^3
+        }
+
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
+        check_shapes(pred, target, "depth")
+        pred, target = as_numpy(pred).ravel(), as_numpy(target).ravel()
+        valid = (target > 0) & np.isfinite(target)
+        pred, target = pred[valid], target[valid]
+        if not np.isfinite(pred).all():
+            raise ValueError("depth prediction holds NaN or infinite values")
+        clamped = np.maximum(pred, MIN_DEPTH)
+        ratio = np.maximum(clamped / target, target / clamped)
+        self.add("pixels", pred.size)
+        self.add(
+            "errors",
+            [
+                np.sum((pred - target) ** 2),
+                np.sum(np.abs(pred - target) / target),
+                np.sum(np.abs(np.log10(clamped) - np.log10(target))),
+            ],
+        )
+        self.add("within", [np.count_nonzero(ratio < 1.25**k) for k in (1, 2, 3)])
+
+    def compute(self) -> dict[str, float]:
+        n = int(self.counts["pixels"])
+        if n == 0:
+            return {key: float("nan") for key in ("rmse", "abs_rel", "log10", "delta1", "delta2", "delta3")}
+        squared, abs_rel, log10 = (self.counts["errors"] / n).tolist()
+        within = (100.0 * self.counts["within"].double() / n).tolist()
+        return {
+            "rmse": float(np.sqrt(squared)),
+            "abs_rel": abs_rel,
+            "log10": log10,
+            "delta1": within[0],
+            "delta2": within[1],
+            "delta3": within[2],
+        }
