@@ -38,7 +38,7 @@ from densemtl.data.base import DatasetInfo
 from densemtl.data.transforms import build_transform
 from densemtl.errors import DataError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CLASS_NAMES = (
     "floor", "wall", "ceiling", "cabinet", "table", "chair", "sofa", "box", "pillar", "stool", "ball", "lamp",
     "picture",
@@ -366,11 +366,11 @@ def _furnish(scene: Scene, rng: np.random.Generator, floor: _Floor) -> None:
             inst, pole = scene.add_instance(rng, "lamp"), rng.uniform(1.2, 1.7)
             scene.primitives.append(Cylinder(x, z, 0.025, 0.0, pole, inst))
             scene.primitives.append(Sphere(np.array([x, pole + 0.15, z]), 0.2, inst))
-    for _ in range(int(rng.integers(0, 4))):  # pictures hang on the walls
+    for _ in range(int(rng.integers(1, 5))):  # pictures hang on the walls
         wall = int(rng.integers(4))
-        half_w, half_h = rng.uniform(0.2, 0.6), rng.uniform(0.15, 0.4)
+        half_w, half_h = rng.uniform(0.25, 0.7), rng.uniform(0.2, 0.5)
         length = scene.size[0] if wall >= 2 else scene.size[2]
-        along, up = rng.uniform(half_w + 0.1, length - half_w - 0.1), rng.uniform(1.2, height - half_h - 0.2)
+        along, up = rng.uniform(half_w + 0.1, length - half_w - 0.1), rng.uniform(0.9 + half_h, height - half_h - 0.15)
         inst = scene.add_instance(rng, "picture")
         centre, half = {
             0: (np.array([0.015, up, along]), np.array([0.015, half_h, half_w])),
@@ -404,7 +404,7 @@ def _sample_path(rng: np.random.Generator, size: np.ndarray, length: int) -> lis
     centre = np.array([size[0] / 2, 0.0, size[2] / 2])
     aim = centre + (centre - start) * rng.uniform(0.2, 0.8) + np.array([rng.uniform(-1, 1), 0, rng.uniform(
         -1, 1)])
-    aim[1] = rng.uniform(0.2, 0.9)
+    aim[1] = rng.uniform(0.2, 1.5)
     speed, turn = rng.uniform(0.02, 0.05), rng.uniform(-0.4, 0.4)
     heading = rng.uniform(0, 2 * np.pi)
     direction = np.array([np.cos(heading), rng.uniform(-0.1, 0.1), np.sin(heading)])
