@@ -21,6 +21,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -543,38 +544,68 @@ def build_evaluator(config: Config, dataset: Dataset, tasks: dict[str, Task], de
     return evaluator
 
 
-def run_training(config: Config, resume: bool = False) -> Results:
-    """Train the config's model on its data; writes the run directory and returns the final results."""
+@dataclass
+class RunSetup:
+    """What every training pipeline builds first: the process layout, the device, data and tasks."""
+
+    dist_info: distributed.DistInfo
+    device: torch.device
+    train_set: Dataset
+    val_set: Dataset
+    info: DatasetInfo
+    tasks: dict[str, Task]
+
+    def steps_per_epoch(self, config: Config) -> int:
+        """Optimiser steps in one pass over the training set (the window of epoch-based balancers)."""
+        per_step = config.data.batch_size * config.train.accumulate * self.dist_info.world_size
+        return max(len(self.train_set) // per_step, 1)
+
+
+def prepare_run(config: Config) -> RunSetup:
+    """Join torchrun's process group, seed, and build the datasets (rank 0 generates caches first) and tasks.
+
+    Call :func:`distributed.cleanup` when the run ends (``run_training`` does it in a ``finally``).
+    """
     from densemtl.data import build_dataset
-    from densemtl.models import build_model
     from densemtl.tasks import build_tasks
 
     dist_info, device = distributed.setup(config.train.device)
+    seed_everything(config.train.seed)
+    if not dist_info.is_main:
+        distributed.barrier()  # rank 0 generates and caches the data first
+    train_set = build_dataset(config.data, config.data.train_split, train=True)
+    val_set = build_dataset(config.data, config.data.val_split, train=False)
+    if dist_info.is_main:
+        distributed.barrier()
+    info = train_set.info
+    tasks = build_tasks(config.data.tasks, info, config.loss.normals_loss)
+    return RunSetup(dist_info, device, train_set, val_set, info, tasks)
+
+
+def run_training(config: Config, resume: bool = False) -> Results:
+    """Train the config's model on its data; writes the run directory and returns the final results."""
+    from densemtl.models import build_model
+
+    if config.model.arch == "sharing":  # phased training (densemtl/engine/sharing.py)
+        from densemtl.engine.sharing import run_sharing_pipeline
+
+        return run_sharing_pipeline(config, resume)
     try:
-        seed_everything(config.train.seed)
+        run = prepare_run(config)
         run_dir = Path(config.out_dir)
-        if dist_info.is_main and not resume and (run_dir / "checkpoints" / "last.pt").exists():
+        if run.dist_info.is_main and not resume and (run_dir / "checkpoints" / "last.pt").exists():
             print(f"densemtl: starting a fresh run in {run_dir} (use --resume to continue the earlier one)")
-        if not dist_info.is_main:
-            distributed.barrier()  # rank 0 generates and caches the data first
-        train_set = build_dataset(config.data, config.data.train_split, train=True)
-        val_set = build_dataset(config.data, config.data.val_split, train=False)
-        if dist_info.is_main:
-            distributed.barrier()
-        info = train_set.info
-        tasks = build_tasks(config.data.tasks, info, config.loss.normals_loss)
-        model = build_model(config, info, tasks)
-        per_step = config.data.batch_size * config.train.accumulate * dist_info.world_size
-        objective = build_objective(config, tasks, model.feature_channels, max(len(train_set) // per_step, 1))
-        seed_everything(config.train.seed + dist_info.rank)
+        model = build_model(config, run.info, run.tasks)
+        objective = build_objective(config, run.tasks, model.feature_channels, run.steps_per_epoch(config))
+        seed_everything(config.train.seed + run.dist_info.rank)
         trainer = Trainer(
-            config, model, objective, train_set, run_dir, info=info,
-            evaluator=build_evaluator(config, val_set, tasks, device), sample_set=val_set,
-            dist_info=dist_info, device=device,
+            config, model, objective, run.train_set, run_dir, info=run.info,
+            evaluator=build_evaluator(config, run.val_set, run.tasks, run.device), sample_set=run.val_set,
+            dist_info=run.dist_info, device=run.device,
         )
         results = trainer.fit(resume=resume) or {}
-        if dist_info.is_main:
-            print(format_results(results, tasks))
+        if run.dist_info.is_main:
+            print(format_results(results, run.tasks))
             print(f"run directory: {run_dir} (best step {trainer.best['step']})")
         return results
     finally:

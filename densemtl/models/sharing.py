@@ -407,6 +407,7 @@ class SharedInference:
             model.sharing.temporal_threshold if temporal_threshold is None else temporal_threshold, names
         )
         self.task_layers = model.sharing.video_task_layers if video_task_layers is None else video_task_layers
+        self._decoder_flops: dict[tuple, int] = {}
         with torch.no_grad():
             base = {name: (w.detach(), b.detach()) for name, (w, b) in self.encoder.weights().items()}
             self.weights: dict[str, Weights] = {model.base_task: base}
@@ -430,30 +431,33 @@ class SharedInference:
     def _block(self, name: str) -> int:
         return -1 if name == "patch" else int(name.split(".")[1])
 
-    def _decode(self, task: str, tokens: torch.Tensor, grid: Any, size: tuple, count: bool) -> tuple[torch.Tensor, int]:
+    def _decode(self, task: str, tokens: torch.Tensor, grid: Any, size: tuple) -> tuple[torch.Tensor, int]:
+        """The task's raw output and its decoder's FLOPs (counted once per input shape, then cached)."""
         decoder = self.model.decoders[task]
-        if not count:
-            return decoder(tokens, grid, size)[0], 0
+        key = (task, tuple(tokens.shape), size)
+        if key in self._decoder_flops:
+            return decoder(tokens, grid, size)[0], self._decoder_flops[key]
         with FlopCounterMode(display=False) as counter:
             raw = decoder(tokens, grid, size)[0]
-        return raw, counter.get_total_flops()
+        self._decoder_flops[key] = counter.get_total_flops()
+        return raw, self._decoder_flops[key]
 
     @torch.no_grad()
-    def dense(self, image: torch.Tensor, count: bool = False) -> FrameResult:
+    def dense(self, image: torch.Tensor) -> FrameResult:
         """Every task computed in full (the reference the savings are measured against)."""
         size = tuple(image.shape[-2:])
         pred, flops, traces = {}, {}, {}
         for task in self.model.tasks:
             executor = DenseExecutor(self.weights[task], trace=True)
             tokens, grid = self.encoder(image, executor)
-            pred[task], decoder_flops = self._decode(task, tokens, grid, size, count)
+            pred[task], decoder_flops = self._decode(task, tokens, grid, size)
             flops[task] = executor.flops + decoder_flops
             traces[task] = executor.trace
         return FrameResult(pred, traces, flops, dict.fromkeys(pred, 1.0))
 
     @torch.no_grad()
     def run(
-        self, image: torch.Tensor, previous: FrameResult | None = None, keyframe: bool = True, count: bool = False
+        self, image: torch.Tensor, previous: FrameResult | None = None, keyframe: bool = True
     ) -> FrameResult:
         """One frame: the base densely on a keyframe (else reusing ``previous``), sub-tasks from the base."""
         size = tuple(image.shape[-2:])
@@ -465,7 +469,7 @@ class SharedInference:
         else:
             executor = DenseExecutor(self.weights[base], trace=True)
         tokens, grid = self.encoder(image, executor)
-        pred[base], decoder_flops = self._decode(base, tokens, grid, size, count)
+        pred[base], decoder_flops = self._decode(base, tokens, grid, size)
         flops[base] = executor.flops + decoder_flops
         traces[base] = executor.trace
         recomputed[base] = self._share(executor)
@@ -480,7 +484,7 @@ class SharedInference:
                         corrections[name] = self.corrections[task][name]
             executor = ReuseExecutor(self.weights[task], refs, taus, corrections)
             tokens, grid = self.encoder(image, executor)
-            pred[task], decoder_flops = self._decode(task, tokens, grid, size, count)
+            pred[task], decoder_flops = self._decode(task, tokens, grid, size)
             flops[task] = executor.flops + decoder_flops
             traces[task] = executor.trace
             recomputed[task] = self._share(executor)

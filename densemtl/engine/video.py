@@ -1,0 +1,125 @@
+"""``densemtl predict --video``: a sharing checkpoint on a folder of consecutive frames, reusing computation
+across tasks and through time (:class:`densemtl.models.sharing.SharedInference`).
+
+Every ``keyframe_interval``-th frame is a keyframe (the base task runs in full, sub-tasks reuse the base's
+activations); the frames between reuse the previous frame's activations. Each frame is also run in full
+(every task densely) for the comparison; the report ``out/video_report.json`` holds, per frame, the counted
+FLOPs and the measured time of both, and the share of tokens recomputed per task. Predictions are written
+as ``out/<task>/<frame>.<ext>`` (:meth:`Task.save`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from densemtl.engine.checkpoint import load_model
+from densemtl.engine.predict import image_tensor, read_image
+from densemtl.errors import ConfigError, DataError, UserError
+from densemtl.models.sharing import FrameResult, SharedInference, SharingModel
+
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def list_frames(folder: Path) -> list[Path]:
+    """The image files of ``folder`` in name order (frame order); a clear error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder of video frames")
+    frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
+    if not frames:
+        raise DataError(f"{folder}: no frames ({', '.join(FRAME_EXTENSIONS)} files)")
+    return frames
+
+
+def run_video(
+    inference: SharedInference, frames: Iterable[torch.Tensor], keyframe_interval: int
+) -> Iterator[tuple[FrameResult, float]]:
+    """``(result, seconds)`` per frame (each a 1 x 3 x H x W tensor); keyframes every ``keyframe_interval``."""
+    if keyframe_interval < 1:
+        raise ConfigError(f"key 'sharing.keyframe_interval': must be >= 1, got {keyframe_interval}")
+    previous = None
+    for index, frame in enumerate(frames):
+        start = time.perf_counter()
+        result = inference.run(frame, previous, keyframe=index % keyframe_interval == 0)
+        yield result, time.perf_counter() - start
+        previous = result
+
+
+def predict_video(
+    checkpoint: Path,
+    frames_dir: Path,
+    out: Path,
+    keyframe_interval: int | None = None,
+    threshold: float | None = None,
+    temporal_threshold: float | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Predict every frame of ``frames_dir`` with reuse; write predictions and the report; return the report.
+
+    Unset options come from the checkpoint's ``sharing`` config section.
+    """
+    loaded = load_model(checkpoint, device or "cpu")
+    if not isinstance(loaded.model, SharingModel):
+        raise UserError(f"{checkpoint}: predict --video needs a checkpoint of model.arch 'sharing'")
+    sharing = loaded.config.sharing
+    interval = sharing.keyframe_interval if keyframe_interval is None else keyframe_interval
+    inference = SharedInference(
+        loaded.model,
+        sharing.threshold if threshold is None else threshold,
+        sharing.temporal_threshold if temporal_threshold is None else temporal_threshold,
+    )
+    paths = list_frames(frames_dir)
+    out = Path(out)
+    for name in loaded.tasks:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    target = next(loaded.model.parameters()).device
+    images = [image_tensor(read_image(path))[None].to(target) for path in paths]
+    records = []
+    frames = run_video(inference, images, interval)
+    progress = tqdm(zip(paths, frames, strict=True), total=len(paths), desc="video", unit="frame")
+    for index, (path, (result, seconds)) in enumerate(progress):
+        start = time.perf_counter()
+        full = inference.dense(images[index])
+        full_seconds = time.perf_counter() - start
+        for name, task in loaded.tasks.items():
+            task.save(task.predict(result.pred[name].float())[0].cpu(), out / name / path.stem)
+        records.append(
+            {
+                "frame": path.name,
+                "keyframe": index % interval == 0,
+                "gflops": sum(result.flops.values()) / 1e9,
+                "gflops_full": sum(full.flops.values()) / 1e9,
+                "gflops_per_task": {t: f / 1e9 for t, f in result.flops.items()},
+                "seconds": seconds,
+                "seconds_full": full_seconds,
+                "recomputed": result.recomputed,
+            }
+        )
+    report = {
+        "checkpoint": str(checkpoint),
+        "frames": len(records),
+        "keyframe_interval": interval,
+        "threshold": inference.task_tau["patch"],
+        "temporal_threshold": inference.time_tau["patch"],
+        "gflops_per_frame": statistics.mean(r["gflops"] for r in records),
+        "gflops_per_frame_full": statistics.mean(r["gflops_full"] for r in records),
+        "median_seconds": statistics.median(r["seconds"] for r in records),
+        "median_seconds_full": statistics.median(r["seconds_full"] for r in records),
+        "per_frame": records,
+    }
+    (out / "video_report.json").write_text(json.dumps(report, indent=2))
+    print(
+        f"video: {len(records)} frames, keyframe every {interval}: "
+        f"{report['gflops_per_frame']:.3f} GFLOPs/frame vs {report['gflops_per_frame_full']:.3f} in full, "
+        f"median {report['median_seconds'] * 1e3:.1f} ms vs {report['median_seconds_full'] * 1e3:.1f} ms; "
+        f"report: {out / 'video_report.json'}"
+    )
+    return report

@@ -1,0 +1,244 @@
+"""Computation sharing: hard-concrete L0, frozen masks, delta-activation inference exactness and FLOP counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from densemtl.config import load_config
+from densemtl.data.synthetic import synthetic_info
+from densemtl.errors import ConfigError
+from densemtl.models import build_model
+from densemtl.models.hard_concrete import HardConcreteGate
+from densemtl.models.sharing import (
+    ReuseExecutor,
+    SharedInference,
+    SharingModel,
+    WeightCorrection,
+    delta_storage,
+)
+from densemtl.models.vit_blocks import DenseExecutor, LinearRef
+from densemtl.tasks import build_tasks
+
+TINY = [
+    "model.arch=sharing",
+    "data.tasks=[semseg,depth,edge]",
+    "model.backbone_args={hidden_size: 24, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 48,"
+    " patch_size: 8}",
+    "model.head_channels=8",
+    "data.synthetic.height=32",
+    "data.synthetic.width=48",
+]
+
+
+def tiny_model(overrides: list[str] | None = None, trained: bool = True) -> SharingModel:
+    """A tiny sharing model; ``trained`` fakes phase 1 (random deltas, about 7% of the gates open)."""
+    torch.manual_seed(0)
+    config = load_config(None, TINY + (overrides or []))
+    info = synthetic_info()
+    model = build_model(config, info, build_tasks(config.data.tasks, info))
+    if trained:
+        with torch.no_grad():
+            for deltas in model.deltas.values():
+                for delta in deltas.values():
+                    delta.delta.normal_(0.0, 0.05)
+                    delta.gate.raw.copy_((torch.randn_like(delta.gate.raw) * 2.0 - 3.0) / delta.gate.scale)
+        model.set_phase(2)
+    return model.eval()
+
+
+def test_hard_concrete_expected_l0_falls_under_its_penalty() -> None:
+    torch.manual_seed(0)
+    gate = HardConcreteGate((64, 32), init=2.0, scale=10.0)
+    start = gate.expected_l0().item()
+    optimizer = torch.optim.Adam(gate.parameters(), lr=0.05)
+    for _ in range(60):
+        optimizer.zero_grad()
+        gate.expected_l0().backward()
+        optimizer.step()
+    assert gate.expected_l0().item() < 0.2 * start
+    gate.eval()
+    values = gate()
+    assert ((values == 0) | (values > 0)).all() and (values == 0).float().mean() > 0.8
+    gate.train()
+    samples = gate()
+    assert samples.min() >= 0 and samples.max() <= 1
+
+
+def test_gate_freeze_gives_binary_mask_of_test_time_nonzeros() -> None:
+    torch.manual_seed(0)
+    gate = HardConcreteGate((8, 8), init=0.0, scale=1.0)
+    with torch.no_grad():
+        gate.raw.normal_(0.0, 3.0)
+    expected = gate.deterministic() > 0
+    gate.freeze()
+    assert torch.equal(gate.mask, expected)
+    gate.train()
+    assert torch.equal(gate(), expected.float())
+    assert float(gate.expected_l0()) == float(expected.sum())
+
+
+def test_frozen_mask_phase_changes_no_masked_out_entry() -> None:
+    model = tiny_model()
+    model.set_phase(2)
+    model.train()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    masks = {(t, n): d.gate.mask.clone() for t in model.sub_tasks for n, d in model.deltas[t].items()}
+    assert any((~m).any() for m in masks.values()) and any(m.any() for m in masks.values())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    image = torch.randn(2, 3, 32, 48)
+    for _ in range(3):
+        optimizer.zero_grad()
+        out = model(image)
+        sum(out["pred"][t].pow(2).mean() for t in model.sub_tasks).backward()
+        optimizer.step()
+    after = model.state_dict()
+    changed_unmasked = 0
+    for task in model.sub_tasks:
+        for name, delta in model.deltas[task].items():
+            key = f"deltas.{task}.{name}.delta"
+            mask = masks[task, name]
+            assert torch.equal(delta.gate.mask, mask)
+            assert torch.equal(after[key][~mask], before[key][~mask])
+            assert (after[key][~mask] == 0).all()
+            changed_unmasked += int((after[key][mask] != before[key][mask]).sum())
+            assert torch.equal(after[f"deltas.{task}.{name}.gate.raw"], before[f"deltas.{task}.{name}.gate.raw"])
+    assert changed_unmasked > 0
+    for key in before:  # the base model is frozen too
+        if key.startswith("encoder.") or key.startswith(f"decoders.{model.base_task}."):
+            assert torch.equal(after[key], before[key]), key
+
+
+def test_threshold_zero_equals_dense_subtask() -> None:
+    model = tiny_model()
+    image = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        dense = model(image)["pred"]
+    shared = SharedInference(model, threshold=0.0).run(image)
+    for task in model.tasks:
+        torch.testing.assert_close(shared.pred[task], dense[task], rtol=1e-5, atol=1e-5)
+
+
+def test_huge_threshold_equals_base_activations() -> None:
+    model = tiny_model()
+    image = torch.randn(2, 3, 32, 48)
+    result = SharedInference(model, threshold=1e9).run(image)
+    base = result.traces[model.base_task]
+    for task in model.sub_tasks:
+        for name, ref in result.traces[task].items():
+            if isinstance(ref, LinearRef):
+                assert torch.equal(ref.y, base[name].y), name
+            else:
+                assert torch.equal(ref.out, base[name].out), name
+        assert result.recomputed[task] == 0.0
+
+
+def test_token_skipping_equals_dense_on_computed_tokens() -> None:
+    model = tiny_model()
+    image = torch.randn(2, 3, 32, 48)
+    inference = SharedInference(model, threshold=0.15)
+    result = inference.run(image)
+    base = result.traces[model.base_task]
+    for task in model.sub_tasks:
+        saved = 0
+        for name in model.encoder.linear_names:
+            ref = result.traces[task][name]
+            weight, bias = inference.weights[task][name]
+            computed = (ref.x != base[name].x).any(dim=1)
+            saved += int((~computed).sum())
+            torch.testing.assert_close(ref.y[computed], F.linear(ref.x[computed], weight, bias), rtol=1e-5, atol=1e-5)
+        assert saved > 0
+        assert 0.0 < result.recomputed[task] < 1.0
+
+
+def test_reuse_linear_layer_rules() -> None:
+    """Selected tokens are exact, the others keep the reference plus the significant weight correction."""
+    torch.manual_seed(0)
+    x_ref = torch.randn(10, 6)
+    w_base, b_base = torch.randn(4, 6), torch.randn(4)
+    delta = torch.zeros(4, 7)
+    delta[0, 0] = 2.0  # large correction on output channel 0
+    w_sub, b_sub = w_base + delta[:, :-1], b_base + delta[:, -1]
+    x = x_ref.clone()
+    x[[1, 5]] += 1.0
+    executor = ReuseExecutor(
+        {"l": (w_sub, b_sub)}, {"l": LinearRef(x_ref, F.linear(x_ref, w_base, b_base))}, {"l": 0.5},
+        {"l": WeightCorrection(delta)},
+    )
+    y = executor.linear("l", x[None])[0]
+    torch.testing.assert_close(y[[1, 5]], F.linear(x[[1, 5]], w_sub, b_sub))
+    rest = [i for i in range(10) if i not in (1, 5)]
+    correction = 2.0 * x_ref[rest, 0]
+    expected = F.linear(x_ref[rest], w_base, b_base)
+    expected[:, 0] += torch.where(correction.abs() > 0.5, correction, torch.zeros_like(correction))
+    torch.testing.assert_close(y[rest], expected)
+    assert executor.recomputed["l"] == (2, 10)
+    assert executor.flops == 2 * 2 * 6 * 4 + WeightCorrection(delta).flops_per_token * 8
+
+
+def test_weight_correction_sparse_and_dense_agree() -> None:
+    torch.manual_seed(0)
+    delta = torch.randn(16, 9) * (torch.rand(16, 9) < 0.05)
+    x = torch.randn(5, 8)
+    sparse = WeightCorrection(delta, sparse_below=1.0)
+    dense = WeightCorrection(delta, sparse_below=0.0)
+    assert sparse.sparse and not dense.sparse
+    torch.testing.assert_close(sparse(x), dense(x))
+    assert sparse.flops_per_token == 2 * int((delta[:, :-1] != 0).sum())
+
+
+def test_dense_flop_count_matches_torch_flop_counter() -> None:
+    model = tiny_model()
+    image = torch.randn(1, 3, 32, 48)
+    executor = DenseExecutor(model.task_weights(model.base_task))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.encoder(image, executor)
+    assert executor.flops == counter.get_total_flops()
+
+
+def test_savings_are_counted_and_storage_reported() -> None:
+    model = tiny_model()
+    image = torch.randn(1, 3, 32, 48)
+    inference = SharedInference(model, threshold=0.15)
+    shared, dense = inference.run(image), inference.dense(image)
+    for task in model.sub_tasks:
+        assert shared.flops[task] < dense.flops[task]
+    storage = delta_storage(model)
+    for task in model.sub_tasks:
+        share = storage[task]["share"]
+        assert 0.0 < share < 1.0
+        assert storage[task]["sparse_bytes"] == 8 * storage[task]["nonzero"]
+
+
+def test_forward_contract_and_phase_losses() -> None:
+    model = tiny_model(trained=False)
+    image = torch.randn(2, 3, 32, 48)
+    model.eval()
+    out = model(image)
+    assert set(out["pred"]) == set(model.tasks) and set(out["features"]) == set(model.tasks)
+    for task in model.tasks:
+        assert out["pred"][task].shape[-2:] == (32, 48)
+        assert out["features"][task].shape[1] == model.feature_channels[task]
+    model.train()
+    assert set(model(image)["pred"]) == {model.base_task}
+    model.set_phase(1)
+    extra = model(image)["extra_losses"]
+    assert set(extra) == {"l0"} and extra["l0"].requires_grad
+    model.set_phase(3)
+    extra = model(image)["extra_losses"]
+    assert set(extra) == {"activation"}
+
+
+def test_temporal_term_is_available() -> None:
+    model = tiny_model(["sharing.temporal_weight=0.5"], trained=False)
+    model.train()
+    extra = model(torch.randn(2, 3, 32, 48))["extra_losses"]
+    assert extra["temporal"].item() > 0 and extra["temporal"].requires_grad
+
+
+def test_bad_backbone_args_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="model.backbone_args.depth"):
+        tiny_model(["model.backbone_args={depth: 2}"], trained=False)
