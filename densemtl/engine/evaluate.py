@@ -1,0 +1,301 @@
+"""Evaluation: a model on a dataset split, a checkpoint, or predictions saved on disk by any codebase.
+
+Every path ends in the same stateful metrics (:mod:`densemtl.metrics`), at the native resolution of
+each image (padded batches are cropped back to ``meta["size"]``), with the counts summed across
+processes under torch.distributed. Results are ``{task: {metric: value}}``; the JSON written by
+``--out`` is ``{"results": ..., "per_class": {task: {class: IoU}}, "evaluation": {...}}``, which is also
+the result-file format :func:`densemtl.metrics.delta_m.load_results` reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from densemtl.config import Config, DataConfig, EvalConfig, from_dict, parse_overrides, read_yaml, to_dict
+from densemtl.config import _merge as merge_config
+from densemtl.data.base import DatasetInfo, collate
+from densemtl.data.transforms import pad_to
+from densemtl.engine import distributed
+from densemtl.errors import DataError, UserError
+from densemtl.tasks import TASKS, ClassMapTask, Task, build_tasks
+
+Results = dict[str, dict[str, float]]
+
+
+def build_metrics(
+    tasks: dict[str, Task], info: DatasetInfo, eval_config: EvalConfig, include_boundary: bool = True
+) -> dict[str, Any]:
+    """One metric per task (``edge`` left out when ``include_boundary`` is False)."""
+    return {
+        name: task.build_metric(info, eval_config)
+        for name, task in tasks.items()
+        if include_boundary or name != "edge"
+    }
+
+
+def compute_all(metrics: dict[str, Any]) -> Results:
+    """Sum the counts over processes, then compute every metric."""
+    for metric in metrics.values():
+        metric.sync()
+    return {name: metric.compute() for name, metric in metrics.items()}
+
+
+def _padding_collate(tasks: dict[str, Task]) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """Collate samples of different sizes by padding them (bottom/right) to the largest one."""
+    fills = {name: task.fill_value for name, task in tasks.items()}
+
+    def pad_and_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        height = max(sample["image"].shape[-2] for sample in samples)
+        width = max(sample["image"].shape[-1] for sample in samples)
+        return collate([pad_to(sample, (height, width), fills) for sample in samples])
+
+    return pad_and_collate
+
+
+def _shard(dataset: Dataset) -> Dataset:
+    """This process's share of the split (every sample exactly once over all processes)."""
+    if not distributed.is_active():
+        return dataset
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return Subset(dataset, list(range(rank, len(dataset), world)))
+
+
+def _main_process() -> bool:
+    return not distributed.is_active() or torch.distributed.get_rank() == 0
+
+
+@torch.no_grad()
+def run_metrics(
+    model: nn.Module,
+    dataset: Dataset,
+    tasks: dict[str, Task],
+    metrics: dict[str, Any],
+    config: Config,
+    device: torch.device | str,
+) -> None:
+    """Feed the model's predictions on ``dataset`` (this process's share) into ``metrics``."""
+    loader = DataLoader(
+        _shard(dataset),
+        batch_size=config.data.eval_batch_size,
+        shuffle=False,
+        num_workers=config.data.num_workers,
+        collate_fn=_padding_collate(tasks),
+    )
+    for batch in tqdm(loader, desc="evaluate", leave=False, disable=not _main_process()):
+        raw = model(batch["image"].to(device))["pred"]
+        for name, metric in metrics.items():
+            pred = tasks[name].predict(raw[name].float()).cpu()
+            target = batch[name]
+            for index, meta in enumerate(batch["meta"]):
+                height, width = meta["size"]
+                window = (slice(index, index + 1), Ellipsis, slice(0, height), slice(0, width))
+                metric.update(pred[window], target[window])
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: Dataset,
+    tasks: dict[str, Task],
+    config: Config,
+    device: torch.device | str = "cpu",
+    include_boundary: bool | None = None,
+) -> Results:
+    """Metrics of ``model`` on ``dataset`` (the training loop's validation and ``evaluate_checkpoint``).
+
+    ``include_boundary`` None follows ``config.eval.boundary_during_training``.
+    """
+    if include_boundary is None:
+        include_boundary = config.eval.boundary_during_training
+    metrics = build_metrics(tasks, dataset.info, config.eval, include_boundary)
+    was_training = model.training
+    model.eval()
+    try:
+        run_metrics(model, dataset, tasks, metrics, config, device)
+    finally:
+        model.train(was_training)
+    return compute_all(metrics)
+
+
+def _checkpoint_config(state: dict[str, Any], data_config: str | Path | None, overrides: list[str] | None) -> Config:
+    """The checkpoint's config, its data section replaced by ``data_config``'s, then ``overrides``."""
+    data = dict(state["config"])
+    source = "checkpoint config"
+    if data_config is not None:
+        data["data"] = read_yaml(data_config).get("data", {})
+        source += f" + data of {data_config}"
+    if overrides:
+        data = merge_config(data, parse_overrides(overrides))
+        source += " + overrides"
+    return from_dict(data, source)
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data_config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    split: str = "val",
+    matcher: str | None = None,
+    out: Path | None = None,
+    per_class: bool = False,
+) -> Results:
+    """Evaluate a trained checkpoint (its EMA weights when it has them) on ``split``; prints a table."""
+    from densemtl.data import build_dataset
+    from densemtl.engine.checkpoint import info_from_dict, load_checkpoint
+    from densemtl.models import build_model
+
+    state = load_checkpoint(checkpoint)
+    config = _checkpoint_config(state, data_config, overrides)
+    if matcher is not None:
+        config.eval = replace(config.eval, boundary_matcher=matcher)
+    dist_info, device = distributed.setup(config.train.device)
+    dataset = build_dataset(config.data, split, train=False)
+    info = info_from_dict(state["info"]) if state.get("info") else dataset.info
+    tasks = build_tasks(config.data.tasks, info, config.loss.normals_loss)
+    model = build_model(config, info, tasks)
+    ema = state.get("ema")
+    weights = ema["model"] if isinstance(ema, dict) and "model" in ema else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        first_line = str(err).splitlines()[0]
+        raise UserError(f"{checkpoint}: weights do not fit the model of its config ({first_line})") from None
+    model.to(device).eval()
+    metrics = build_metrics(tasks, info, config.eval)
+    run_metrics(model, dataset, tasks, metrics, config, device)
+    results = compute_all(metrics)
+    if dist_info.is_main:
+        report(results, metrics, tasks, config.eval, out, per_class, {"checkpoint": str(checkpoint), "split": split})
+    return results
+
+
+def report(
+    results: Results,
+    metrics: dict[str, Any],
+    tasks: dict[str, Task],
+    eval_config: EvalConfig,
+    out: Path | None,
+    per_class: bool,
+    source: dict[str, Any],
+) -> None:
+    """Print the table (and per-class tables on request); write the JSON of every figure to ``out``."""
+    from densemtl.engine.train import format_results
+
+    print(format_results(results, tasks))
+    class_tables = {name: metric for name, metric in metrics.items() if hasattr(metric, "per_class_iou")}
+    if per_class:
+        for name, metric in class_tables.items():
+            print(f"\n{name} per class\n{metric.table()}")
+    if out is None:
+        return
+    payload = {
+        "results": results,
+        "per_class": {
+            name: {
+                cls: (None if np.isnan(iou) else float(iou))
+                for cls, iou in zip(metric.class_names, metric.per_class_iou(), strict=True)
+            }
+            for name, metric in class_tables.items()
+        },
+        "evaluation": {**source, "eval": to_dict(eval_config)},
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"figures written to {out}")
+
+
+def _check_prediction(task: Task, path: Path, pred: torch.Tensor, target: torch.Tensor) -> str | None:
+    """What is wrong with one loaded prediction (None when it can be scored)."""
+    expected = tuple(target.shape[-2:])
+    if tuple(pred.shape[-2:]) != expected:
+        return f"{path}: prediction size {tuple(pred.shape[-2:])}, ground truth {expected} (H, W)"
+    if isinstance(task, ClassMapTask):
+        values = np.unique(pred.numpy())
+        bad = values[(values < 0) | (values >= task.num_classes)]
+        if bad.size:
+            return f"{path}: label {int(bad[0])} out of range 0..{task.num_classes - 1}"
+    elif not torch.isfinite(pred).all():
+        return f"{path}: holds NaN or infinite values"
+    return None
+
+
+def _prediction_tasks(pred_dir: Path, tasks: list[str] | None) -> list[str]:
+    if not pred_dir.is_dir():
+        raise DataError(f"{pred_dir}: predictions folder not found")
+    if tasks:
+        unknown = [name for name in tasks if name not in TASKS]
+        if unknown:
+            raise UserError(f"unknown task '{unknown[0]}' (known: {', '.join(TASKS)})")
+        missing = [name for name in tasks if not (pred_dir / name).is_dir()]
+        if missing:
+            raise DataError(f"{pred_dir / missing[0]}: no sub-folder of '{missing[0]}' predictions")
+        return list(tasks)
+    found = [name for name in TASKS if (pred_dir / name).is_dir()]
+    if not found:
+        raise DataError(f"{pred_dir}: no sub-folder named after a task ({', '.join(TASKS)})")
+    return found
+
+
+def evaluate_predictions(
+    pred_dir: Path,
+    dataset: str,
+    root: Path | None,
+    split: str = "val",
+    tasks: list[str] | None = None,
+    matcher: str | None = None,
+    out: Path | None = None,
+    per_class: bool = False,
+    report_all: bool = False,
+) -> Results:
+    """Score predictions saved on disk (``pred_dir/<task>/<image name>.<ext>``) against a dataset split.
+
+    Formats are those of :meth:`Task.load` (other codebases' too). A missing prediction, a size
+    mismatch or a label out of range raises a DataError naming the file; with ``report_all`` every
+    such file is listed before failing.
+    """
+    from densemtl.data import build_dataset
+
+    pred_dir = Path(pred_dir)
+    names = _prediction_tasks(pred_dir, tasks)
+    data_config = DataConfig(dataset=dataset, root=str(root) if root is not None else None, tasks=names)
+    if dataset != "synthetic" and root is None:
+        raise UserError(f"dataset '{dataset}' needs --root, the folder holding its ground truth")
+    ground_truth = build_dataset(data_config, split, train=False)
+    task_objects = build_tasks(names, ground_truth.info)
+    eval_config = EvalConfig() if matcher is None else EvalConfig(boundary_matcher=matcher)
+    metrics = build_metrics(task_objects, ground_truth.info, eval_config)
+    problems: list[str] = []
+    for index in tqdm(range(len(ground_truth)), desc="evaluate", leave=False):
+        sample = ground_truth[index]
+        image_name = sample["meta"]["name"]
+        for name, task in task_objects.items():
+            try:
+                path = task.find_file(pred_dir / name, image_name)
+                pred = task.load(path)
+            except DataError as err:
+                problem = str(err)
+            else:
+                problem = _check_prediction(task, path, pred, sample[name])
+            if problem is not None:
+                if not report_all:
+                    raise DataError(problem)
+                problems.append(problem)
+                continue
+            metrics[name].update(pred[None], sample[name][None])
+    if problems:
+        listing = "\n  ".join(problems)
+        raise DataError(f"{len(problems)} bad prediction file(s) in {pred_dir}:\n  {listing}")
+    results = compute_all(metrics)
+    source = {"predictions": str(pred_dir), "dataset": dataset, "root": str(root), "split": split}
+    report(results, metrics, task_objects, eval_config, out, per_class, source)
+    return results
