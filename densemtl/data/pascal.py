@@ -54,6 +54,7 @@ NORMALS_VALID_CONTEXT_IDS = frozenset({
     368, 370, 371, 374, 379, 380, 383, 384, 397, 401, 403, 405, 407, 408, 411, 412, 413, 414, 417, 419, 421,
     423, 427, 429, 430, 432, 440, 441, 442, 443, 444, 446, 454, 457,
 })
+_NORMALS_VALID_ARRAY = np.array(sorted(NORMALS_VALID_CONTEXT_IDS))
 _SOURCES = {
     "image": ("JPEGImages/{name}.jpg",),
     "semseg": ("semseg/VOC12/{name}.png", "semseg/pascal-context/{name}.png"),
@@ -96,7 +97,7 @@ def read_normals(path: Path, labelmap: np.ndarray) -> np.ndarray:
         raise DataError(f"{path}: expected an 8-bit RGB normals PNG, got {encoded.dtype} {encoded.shape}")
     if encoded.shape[:2] != labelmap.shape:
         raise DataError(f"{path}: normals are {encoded.shape[:2]}, the LabelMap {labelmap.shape}")
-    valid = np.isin(labelmap, list(NORMALS_VALID_CONTEXT_IDS))
+    valid = np.isin(labelmap, _NORMALS_VALID_ARRAY)
     return decode_normals(encoded[..., :3]) * valid[None].astype(np.float32)
 
 
