@@ -1,0 +1,97 @@
+"""Video prediction with computation reuse across tasks and frames."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from densemtl.config import to_dict
+from densemtl.engine.checkpoint import info_to_dict, save_checkpoint
+from densemtl.engine.predict import image_tensor
+from densemtl.engine.video import list_frames, predict_video, run_video
+from densemtl.errors import DataError
+from densemtl.models.sharing import SharedInference
+from tests.test_sharing import tiny_model
+
+
+def write_frames(folder: Path, count: int, static: bool = False) -> list[Path]:
+    """A smooth random texture panned one pixel per frame (or not at all)."""
+    rng = np.random.default_rng(0)
+    texture = rng.uniform(0, 255, (9, 13, 3))
+    big = np.array(Image.fromarray(texture.astype(np.uint8)).resize((96, 64), Image.BILINEAR))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        shift = 0 if static else index
+        frame = big[10:42, 10 + shift : 58 + shift]
+        paths.append(folder / f"frame{index:03d}.png")
+        Image.fromarray(frame).save(paths[-1])
+    return paths
+
+
+def images(paths: list[Path]) -> list[torch.Tensor]:
+    return [image_tensor(np.array(Image.open(p).convert("RGB")))[None] for p in paths]
+
+
+def save_tiny_checkpoint(path: Path) -> Path:
+    from densemtl.config import load_config
+    from densemtl.data.synthetic import synthetic_info
+    from tests.test_sharing import TINY
+
+    model = tiny_model()
+    config = load_config(None, TINY)
+    state = {"config": to_dict(config), "info": info_to_dict(synthetic_info()), "model": model.state_dict(), "step": 0}
+    return save_checkpoint(path, state)
+
+
+def test_keyframe_interval_one_equals_per_frame(tmp_path: Path) -> None:
+    paths = write_frames(tmp_path / "frames", 4)
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt")
+    report = predict_video(checkpoint, tmp_path / "frames", tmp_path / "out", keyframe_interval=1)
+    assert report["frames"] == 4 and all(r["keyframe"] for r in report["per_frame"])
+    model = tiny_model()
+    inference = SharedInference(model, model.sharing.threshold)
+    for path, image in zip(paths, images(paths), strict=True):
+        single = inference.run(image)
+        saved = np.load(tmp_path / "out" / "depth" / f"{path.stem}.npy")
+        np.testing.assert_allclose(saved, single.pred["depth"][0, 0].numpy(), rtol=1e-5, atol=1e-5)
+        labels = np.array(Image.open(tmp_path / "out" / "semseg" / f"{path.stem}.png"))
+        assert np.array_equal(labels, single.pred["semseg"].argmax(1)[0].numpy())
+    written = json.loads((tmp_path / "out" / "video_report.json").read_text())
+    assert written["keyframe_interval"] == 1 and len(written["per_frame"]) == 4
+
+
+def test_zero_thresholds_reuse_across_frames_equals_dense(tmp_path: Path) -> None:
+    frames = images(write_frames(tmp_path / "frames", 5))
+    model = tiny_model()
+    inference = SharedInference(model, threshold=0.0, temporal_threshold=0.0, video_task_layers=1)
+    results = [result for result, _ in run_video(inference, frames, keyframe_interval=3)]
+    for image, result in zip(frames, results, strict=True):
+        dense = inference.dense(image)
+        for task in model.tasks:
+            torch.testing.assert_close(result.pred[task], dense.pred[task], rtol=1e-4, atol=1e-4)
+
+
+def test_static_video_reuses_everything_between_keyframes(tmp_path: Path) -> None:
+    frames = images(write_frames(tmp_path / "frames", 3, static=True))
+    model = tiny_model()
+    inference = SharedInference(model, threshold=0.15, temporal_threshold=0.15)
+    results = [result for result, _ in run_video(inference, frames, keyframe_interval=10)]
+    for result in results[1:]:
+        assert result.recomputed[model.base_task] == 0.0
+        assert sum(result.flops.values()) < sum(results[0].flops.values())
+        for task in model.tasks:
+            assert torch.equal(result.pred[task], results[0].pred[task])
+
+
+def test_bad_frame_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not a folder"):
+        list_frames(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no frames"):
+        list_frames(tmp_path / "empty")
