@@ -38,7 +38,7 @@ from densemtl.data.base import DatasetInfo
 from densemtl.data.transforms import build_transform
 from densemtl.errors import DataError
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 CLASS_NAMES = (
     "floor", "wall", "ceiling", "cabinet", "table", "chair", "sofa", "box", "pillar", "stool", "ball", "lamp",
     "picture",
@@ -370,13 +370,15 @@ def _furnish(scene: Scene, rng: np.random.Generator, floor: _Floor) -> None:
         wall = int(rng.integers(4))
         half_w, half_h = rng.uniform(0.25, 0.7), rng.uniform(0.2, 0.5)
         length = scene.size[0] if wall >= 2 else scene.size[2]
-        along, up = rng.uniform(half_w + 0.1, length - half_w - 0.1), rng.uniform(0.9 + half_h, height - half_h - 0.15)
+        along = rng.uniform(half_w + 0.1, length - half_w - 0.1)
+        up = rng.uniform(0.9 + half_h, height - half_h - 0.15)
+        thick = rng.uniform(0.005, 0.02)  # distinct for each picture, so overlapping ones never tie in depth
         inst = scene.add_instance(rng, "picture")
         centre, half = {
-            0: (np.array([0.015, up, along]), np.array([0.015, half_h, half_w])),
-            1: (np.array([scene.size[0] - 0.015, up, along]), np.array([0.015, half_h, half_w])),
-            2: (np.array([along, up, 0.015]), np.array([half_w, half_h, 0.015])),
-            3: (np.array([along, up, scene.size[2] - 0.015]), np.array([half_w, half_h, 0.015])),
+            0: (np.array([thick, up, along]), np.array([thick, half_h, half_w])),
+            1: (np.array([scene.size[0] - thick, up, along]), np.array([thick, half_h, half_w])),
+            2: (np.array([along, up, thick]), np.array([half_w, half_h, thick])),
+            3: (np.array([along, up, scene.size[2] - thick]), np.array([half_w, half_h, thick])),
         }[wall]
         scene.primitives.append(Box(centre, half, 0.0, inst))
 
@@ -435,10 +437,12 @@ def sample_scene(rng: np.random.Generator, length: int = 1) -> tuple[Scene, list
 def _project(camera: Camera, points: np.ndarray, height: int, width: int) -> tuple[slice, slice] | None:
     """The image window (rows, cols) holding the projection of ``points`` (K x 3), None when outside.
 
-    The whole image when a point is behind or too near the camera (a conservative bound).
+    The whole image when some point is behind or too near the camera (a conservative bound).
     """
     rel = points - camera.position
     depth = rel @ camera.forward
+    if depth.max() < 0.05:
+        return None
     if depth.min() < 0.05:
         return slice(0, height), slice(0, width)
     focal = FOCAL_AT_640 * width / 640.0
