@@ -177,3 +177,11 @@ def test_synthetic_export_loads_back_identical(tmp_path: Path) -> None:
         np.testing.assert_array_equal(raw["edge"][0], arrays["edge"][index])
         # normals go through the 8-bit PNG encoding: within half a quantisation step
         np.testing.assert_allclose(raw["normals"], arrays["normals"][index], atol=1.01 / 255)
+
+
+def test_corrupt_file_in_a_loader_worker_names_the_file(tmp_path: Path) -> None:
+    write_nyud(tmp_path, layout="NYUDv2", splits={"val": 2})
+    (tmp_path / "normals" / "val_001.png").write_bytes(b"\x89PNG broken")
+    loader = torch.utils.data.DataLoader(_dataset(tmp_path), batch_size=2, num_workers=1)
+    with pytest.raises(DataError, match=r"normals/val_001\.png"):
+        next(iter(loader))
