@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from densemtl.data.base import DatasetInfo
 from densemtl.engine.distributed import env_info, resolve_device
+from densemtl.errors import UserError
 from densemtl.models import build_model
 from densemtl.tasks import build_tasks
 
@@ -126,8 +127,6 @@ def run_bench(config: Config, out: Path | None, repeats: int) -> dict[str, Any]:
     The JSON goes to ``out``, or to ``<config.out_dir>/bench.json`` when ``out`` is None.
     """
     if repeats <= 0:
-        from densemtl.errors import UserError
-
         raise UserError(f"--repeats must be positive, got {repeats}")
     info = dataset_info(config)
     tasks = build_tasks(list(config.data.tasks), info, config.loss.normals_loss)
