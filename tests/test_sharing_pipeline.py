@@ -1,0 +1,55 @@
+"""The phased sharing pipeline: four phases in order through the engine's Trainer, resumable between phases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from densemtl.config import load_config
+from densemtl.engine.checkpoint import load_checkpoint, load_model
+from densemtl.engine.sharing import phase_dir
+from densemtl.engine.train import run_training
+from densemtl.models.sharing import PHASES, SharingModel
+from tests.test_sharing import TINY
+
+
+def test_pipeline_runs_phases_in_order_and_resumes(tmp_path: Path, capsys) -> None:
+    config = load_config(
+        None,
+        TINY + [
+            f"out_dir={tmp_path / 'run'}",
+            f"data.synthetic.cache_dir={tmp_path / 'cache'}",
+            "data.synthetic.num_train=8", "data.synthetic.num_val=2", "data.synthetic.num_test=2",
+            "data.batch_size=4", "data.eval_batch_size=2",
+            "sharing.phase_steps=[2,2,2,2]",
+            "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1", "train.warmup_steps=0",
+            "train.device=cpu", "eval.boundary_thresholds=5",
+        ],
+    )
+    results = run_training(config)
+    assert set(results) == set(config.data.tasks)
+    run_dir = tmp_path / "run"
+    for phase in range(len(PHASES)):
+        state = load_checkpoint(phase_dir(run_dir, phase) / "checkpoints" / "last.pt")
+        assert state["step"] == 2 and int(state["model"]["phase"]) == phase
+    final = load_model(run_dir / "checkpoints" / "last.pt")
+    assert isinstance(final.model, SharingModel) and int(final.model.phase) == 3
+    assert all(bool(d.gate.frozen) for deltas in final.model.deltas.values() for d in deltas.values())
+    assert (run_dir / "results.json").exists()
+
+    # An interruption during the last phase: resume loads phases 0-2 and trains only phase 3 again.
+    first = phase_dir(run_dir, 0) / "checkpoints" / "last.pt"
+    stamp = first.stat().st_mtime_ns
+    (phase_dir(run_dir, 3) / "checkpoints" / "last.pt").unlink()
+    capsys.readouterr()
+    again = run_training(config, resume=True)
+    printed = capsys.readouterr().out
+    assert "phase 2 (finetune) already finished" in printed and "phase 3 (activation): 2 steps" in printed
+    assert first.stat().st_mtime_ns == stamp
+    assert set(again) == set(config.data.tasks)
+    resumed = load_model(run_dir / "checkpoints" / "last.pt").model.state_dict()
+    before = final.model.state_dict()
+    for key, value in before.items():  # the base model is frozen after phase 0
+        if key.startswith("encoder."):
+            assert torch.equal(resumed[key], value), key
