@@ -359,6 +359,8 @@ def validate(config: Config, source: str = "<config>") -> None:
         fail("train.ema_decay", f"must be in [0, 1), got {config.train.ema_decay}")
     if config.data.num_workers < 0:
         fail("data.num_workers", "must be >= 0")
+    if config.data.dataset == "pascal" and config.data.crop_size is None and config.data.batch_size > 1:
+        fail("data.crop_size", "PASCAL-Context images differ in size: set a crop (e.g. [512, 512]) to batch them")
     if config.data.dataset != "synthetic" and not config.data.root:
         fail("data.root", f"dataset '{config.data.dataset}' needs the folder holding it")
     if config.model.arch == "sharing" and config.sharing.base_task not in config.data.tasks:

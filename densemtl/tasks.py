@@ -240,7 +240,7 @@ class DepthTask(Task):
         if path.suffix == ".npy":
             try:
                 array = np.load(path).astype(np.float32)
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, EOFError) as err:
                 raise DataError(f"{path}: cannot read depth array ({err})") from None
         else:
             raw = _read_png(path)
@@ -294,7 +294,7 @@ class NormalsTask(Task):
         if path.suffix == ".npy":
             try:
                 array = np.load(path).astype(np.float32)
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, EOFError) as err:
                 raise DataError(f"{path}: cannot read normals array ({err})") from None
             if array.ndim != 3 or 3 not in (array.shape[0], array.shape[-1]):
                 raise DataError(f"{path}: expected an H x W x 3 normals array, got shape {array.shape}")
