@@ -105,9 +105,11 @@ class IncrementalMatching:
     def remove(self, left: int) -> None:
         """Switch ``left`` off; if its partner can be re-matched through dead vertices, do so.
 
-        Every free active left vertex reaches only dead right vertices, so an augmenting path
-        (which must start at the freed partner) exists only if the partner is dead, and then it runs
-        through dead right vertices only; the dead set stays valid after it is flipped.
+        Invariant: every alternating path from a free active left vertex stays among dead right
+        vertices (all matched, closed under right -> partner -> neighbours). So an augmenting path,
+        which must end at the freed partner, exists only if the partner is dead, and it runs through
+        dead right vertices only; flipping it keeps the invariant. When there is none, the dead
+        vertices that reach the freed partner (those the failed search visited) stop being dead.
         """
         self.active[left] = False
         right = self.mate_left[left]
@@ -116,12 +118,8 @@ class IncrementalMatching:
         self.mate_left[left] = -1
         self.mate_right[right] = -1
         self.size -= 1
-        if not self.dead[right]:
-            return
-        if self._augment_from_right(right):
+        if self.dead[right] and self._augment_from_right(right):
             self.size += 1
-        else:  # a free vertex inside the dead set: forget the marks (rare)
-            self.dead = [False] * len(self.dead)
 
     def _augment_from_left(self, start: int) -> bool:
         """Depth-first search for an augmenting path from a free left vertex; flips it if found."""
@@ -169,7 +167,7 @@ class IncrementalMatching:
         active, dead, seen = self.active, self.dead, self.seen_left
         self.stamp += 1
         stamp = self.stamp
-        path_right, path_left, positions = [start], [], [ptr[start]]
+        path_right, path_left, positions, visited = [start], [], [ptr[start]], [start]
         while path_right:
             right = path_right[-1]
             lo, hi = positions[-1], ptr[right + 1]
@@ -190,6 +188,7 @@ class IncrementalMatching:
                 positions[-1] = position + 1
                 path_left.append(left)
                 path_right.append(mate_left[left])
+                visited.append(mate_left[left])
                 positions.append(ptr[mate_left[left]])
                 descended = True
                 break
@@ -198,6 +197,8 @@ class IncrementalMatching:
                 positions.pop()
                 if path_left:
                     path_left.pop()
+        for right in visited:
+            dead[right] = False
         return False
 
 
@@ -239,17 +240,19 @@ def bsds_kernel() -> Callable[..., tuple]:
 
 
 def bsds_counts(
-    pred_masks: Sequence[np.ndarray], gt: np.ndarray, max_dist: float
+    pred_sets: Sequence[np.ndarray], gt: np.ndarray, max_dist: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(matched predicted, matched ground-truth) pixels per binary map with the BSDS assignment."""
+    """(matched predicted, matched ground-truth) pixels per predicted set (flat indices), BSDS assignment."""
     correspond_pixels = bsds_kernel()
-    matched_pred = np.zeros(len(pred_masks), dtype=np.int64)
-    matched_gt = np.zeros(len(pred_masks), dtype=np.int64)
+    matched_pred = np.zeros(len(pred_sets), dtype=np.int64)
+    matched_gt = np.zeros(len(pred_sets), dtype=np.int64)
     gt_map = gt.astype(np.float64)
-    for k, mask in enumerate(pred_masks):
-        if not mask.any() or not gt.any():
+    for k, pixels in enumerate(pred_sets):
+        if not pixels.size or not gt.any():
             continue
-        match_pred, match_gt, _, _ = correspond_pixels(mask.astype(np.float64), gt_map, max_dist=max_dist)
+        mask = np.zeros(gt.size, dtype=np.float64)
+        mask[pixels] = 1
+        match_pred, match_gt, _, _ = correspond_pixels(mask.reshape(gt.shape), gt_map, max_dist=max_dist)
         matched_pred[k] = np.count_nonzero(match_pred > 0)
         matched_gt[k] = np.count_nonzero(match_gt > 0)
     return matched_pred, matched_gt
