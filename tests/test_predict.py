@@ -1,0 +1,72 @@
+"""``predict_images``: each task's map in its on-disk encoding, read back equal to the in-memory output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from densemtl.data import build_dataset
+from densemtl.engine.checkpoint import load_model
+from densemtl.engine.predict import image_tensor, predict_images
+from densemtl.errors import DataError, UserError
+from tests.test_train import make_trainer, tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Path]]:
+    """A 2-step checkpoint and two validation frames written as PNG files (one of another size)."""
+    tmp = tmp_path_factory.mktemp("predict")
+    config = tiny_config(tmp, "train.steps=2", "data.tasks=[semseg,depth,normals,edge,saliency]")
+    make_trainer(config).fit()
+    frames = build_dataset(config.data, "val", train=False).arrays["image"]
+    images = [tmp / "frame_a.png", tmp / "frame_b.jpg"]
+    Image.fromarray(frames[0]).save(images[0])
+    Image.fromarray(frames[1][:29, :41]).save(images[1], quality=95)  # odd size, another format
+    return Path(config.out_dir) / "checkpoints" / "last.pt", tmp, images
+
+
+def test_predictions_are_written_and_read_back_as_computed(trained: tuple[Path, Path, list[Path]]) -> None:
+    checkpoint, tmp, images = trained
+    out = tmp / "out"
+    written = predict_images(checkpoint, images, out, device="cpu")
+    loaded = load_model(checkpoint)
+    assert len(written) == len(images) * (len(loaded.tasks) + 1)
+    for path in images:
+        rgb = np.array(Image.open(path).convert("RGB"))
+        with torch.no_grad():
+            raw = loaded.model(image_tensor(rgb)[None])["pred"]
+        for name, task in loaded.tasks.items():
+            expected = task.predict(raw[name])[0]
+            back = task.load(task.find_file(out / name, path.stem))
+            assert back.shape[-2:] == rgb.shape[:2], f"{name} map of {path.name} has the wrong size"
+            if name == "semseg":
+                assert torch.equal(back, expected)
+            elif name == "depth":
+                assert torch.allclose(back, expected, atol=1e-6)
+            elif name == "normals":  # 8-bit encoding: about 1/127 per component
+                assert (back - expected).abs().max() < 0.01
+            else:  # probabilities in 8-bit PNGs
+                assert (back - expected).abs().max() <= 0.5 / 255 + 1e-6
+        panel = np.array(Image.open(out / "panels" / f"{path.stem}.png"))
+        assert panel.shape == (rgb.shape[0], rgb.shape[1] * (len(loaded.tasks) + 1), 3)
+        assert np.array_equal(panel[:, : rgb.shape[1]], rgb)
+
+
+def test_bad_inputs_are_named(trained: tuple[Path, Path, list[Path]], tmp_path: Path) -> None:
+    checkpoint, _, images = trained
+    with pytest.raises(DataError, match="missing.png: image not found"):
+        predict_images(checkpoint, [tmp_path / "missing.png"], tmp_path / "out", device="cpu")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="broken.png: cannot read image"):
+        predict_images(checkpoint, [broken], tmp_path / "out", device="cpu")
+    twin = tmp_path / "frame_a.jpg"
+    twin.write_bytes(images[0].read_bytes())
+    with pytest.raises(UserError, match="frame_a"):
+        predict_images(checkpoint, [images[0], twin], tmp_path / "out", device="cpu")
+    with pytest.raises(UserError, match="nothing.pt: checkpoint not found"):
+        predict_images(tmp_path / "nothing.pt", images, tmp_path / "out", device="cpu")
