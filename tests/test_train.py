@@ -210,3 +210,26 @@ def test_bf16_autocast_on_cpu_trains_and_fp16_is_refused(tmp_path: Path) -> None
 def test_batch_larger_than_training_set_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.batch_size"):
         make_trainer(tiny_config(tmp_path, "data.batch_size=16"))
+
+
+def test_run_training_validates_keeps_best_and_writes_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from densemtl.engine.train import run_training
+
+    config = tiny_config(tmp_path, "train.steps=4", "train.eval_every=2", "train.lr=3e-3")
+    results = run_training(config)
+    run = Path(config.out_dir)
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["step"] == 4 and saved["results"] == results and saved["config"]["train"]["steps"] == 4
+    assert set(results) == {"semseg", "depth", "normals", "edge"}
+    assert {"mIoU", "rmse", "mean", "odsF"} <= {m for metrics in results.values() for m in metrics}
+    validations = read_log(run, "val")
+    assert [r["step"] for r in validations] == [2, 4] and validations[-1]["results"] == results
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["step"] == saved["best"]["step"] in (2, 4)
+    table = capsys.readouterr().out
+    for name in results:  # one row per task, primary metric first
+        row = next(line for line in table.splitlines() if line.startswith(name))
+        primary = {"semseg": "mIoU", "depth": "rmse", "normals": "mean", "edge": "odsF"}[name]
+        assert row.split()[1].startswith(f"{primary}=")
