@@ -133,7 +133,7 @@ class SharingConfig:
 
     base_task: str = "semseg"
     l0_weight: float = 1e-4
-    activation_weight: float = 1e-3
+    activation_weight: float = 0.5  # on the mean (not the sum) of each layer's L1 activation difference
     threshold: float = 0.15
     keyframe_interval: int = 4
     temporal_threshold: float = 0.15

@@ -1,0 +1,248 @@
+"""Computation sharing on the synthetic scenes: storage, counted GFLOPs, measured time and accuracy of
+
+(a) T separate single-task models (the same compact ViT as the sharing model, each trained alone),
+(b) the shared-encoder multi-task model (``build_model`` arch ``multitask``, HF ViT of the same size),
+(c) base (semseg) + sub-tasks with sparse weight deltas, run with delta activations (and densely, tau = 0),
+(d) (c) on the synthetic video clips, reusing activations between frames (keyframe every K frames),
+
+each task's primary metric and delta_m against (a) on the same frames (the test split for (a)-(c), the
+clips for (d), where (a) and (c) are scored again frame by frame). Every model gets the same number of
+training steps: (c)'s base *is* (a)'s semseg model, its sub-tasks train for ``--steps`` split over the
+delta / mask fine-tuning / activation-sharing phases (2:1:1). FLOPs are matrix-product FLOPs (torch's
+FlopCounterMode; for (c)/(d) the encoder's products actually executed); time is the median over frames
+of one-image inference on this CPU (``torch.get_num_threads()`` threads).
+
+    python benchmarks/sharing.py                                   # quick (40 steps per model)
+    python benchmarks/sharing.py --steps 300 --doc docs/results/sharing.md
+
+JSON to ``--out`` (default runs/bench/sharing.json); ``--doc`` also writes the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from densemtl.config import Config, load_config
+from densemtl.data import build_dataset
+from densemtl.data.synthetic import SyntheticClips
+from densemtl.engine.evaluate import build_metrics, compute_all
+from densemtl.engine.objective import build_objective
+from densemtl.engine.train import Trainer, seed_everything
+from densemtl.metrics.delta_m import delta_m
+from densemtl.models import build_model
+from densemtl.models.sharing import SharedInference, SharingModel, delta_storage
+from densemtl.tasks import Task, build_tasks
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_sharing.yaml"
+Predict = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], int]]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--tasks", default="semseg,depth,normals", help="comma-separated; the first is the base")
+    parser.add_argument("--steps", type=int, default=40, help="training steps of every model")
+    parser.add_argument("--threshold", type=float, default=None, help="default: the config's sharing.threshold")
+    parser.add_argument("--keyframe-interval", type=int, default=None)
+    parser.add_argument("--out", default="runs/bench/sharing.json")
+    parser.add_argument("--doc", default=None, help="also write the Markdown results here")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides")
+    return parser.parse_args(argv)
+
+
+def train(config: Config, model: nn.Module, tasks: dict[str, Task], train_set: Any, steps: int, folder: Path) -> None:
+    """``steps`` optimiser steps of the engine's Trainer on ``tasks`` (no validation)."""
+    objective = build_objective(config, tasks, {n: model.feature_channels[n] for n in tasks})
+    trainer = Trainer(
+        config, model, objective, train_set, folder, info=train_set.info,
+        parameters=[p for p in model.parameters() if p.requires_grad], steps=steps,
+    )
+    trainer.fit()
+    model.eval()
+
+
+def counted(model: nn.Module, image: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(image)
+    return counter.get_total_flops()
+
+
+def score(
+    predict: Predict, frames: list[dict[str, Any]], tasks: dict[str, Task], config: Config, info: Any,
+    reset: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Metrics, median seconds per frame and mean counted GFLOPs of ``predict`` over ``frames`` (in order)."""
+    metrics = build_metrics(tasks, info, config.eval)
+    seconds, flops = [], []
+    for frame in frames:
+        if reset is not None and frame["meta"].get("frame") == 0:
+            reset()
+        image = frame["image"][None]
+        start = time.perf_counter()
+        with torch.no_grad():
+            pred, frame_flops = predict(image)
+        seconds.append(time.perf_counter() - start)
+        flops.append(frame_flops)
+        for name, metric in metrics.items():
+            metric.update(tasks[name].predict(pred[name].float()), frame[name][None])
+    return {"results": compute_all(metrics), "ms_per_frame": 1e3 * statistics.median(seconds),
+            "gflops_per_frame": statistics.mean(flops) / 1e9}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    names = args.tasks.split(",")
+    config = load_config(
+        args.config, [f"data.tasks=[{','.join(names)}]", f"sharing.base_task={names[0]}", "train.device=cpu",
+                      "train.eval_every=1000000", "train.checkpoint_every=1000000", *args.overrides],
+    )
+    threshold = config.sharing.threshold if args.threshold is None else args.threshold
+    interval = config.sharing.keyframe_interval if args.keyframe_interval is None else args.keyframe_interval
+    out = Path(args.out)
+    work = out.with_suffix("")
+    seed_everything(config.train.seed)
+    train_set = build_dataset(config.data, "train", train=True)
+    test_set = build_dataset(config.data, "test", train=False)
+    info = train_set.info
+    tasks = build_tasks(names, info, config.loss.normals_loss)
+    test = [test_set[i] for i in range(len(test_set))]
+    clips_set = SyntheticClips(config.data)
+    clips = [frame for clip in range(len(clips_set)) for frame in clips_set[clip]]
+    image = test[0]["image"][None]
+
+    # (a) one compact ViT per task; the semseg one is also (c)'s base.
+    singles: dict[str, SharingModel] = {}
+    for name in names:
+        single_config = load_config(args.config, [f"data.tasks=[{name}]", f"sharing.base_task={name}",
+                                                  "train.device=cpu", *args.overrides])
+        seed_everything(config.train.seed)
+        model = build_model(single_config, info, {name: tasks[name]})
+        train(single_config, model, {name: tasks[name]}, train_set, args.steps, work / f"single_{name}")
+        singles[name] = model
+    single_flops = sum(counted(m, image) for m in singles.values())
+
+    def predict_singles(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        return {n: m(x)["pred"][n] for n, m in singles.items()}, single_flops
+
+    # (b) shared encoder (HF ViT of the same size), one head per task.
+    vit = config.model.backbone_args
+    multi_config = load_config(args.config, [f"data.tasks=[{','.join(names)}]", "model.arch=multitask",
+                                             "model.backbone=vit", "train.device=cpu", *args.overrides])
+    side = max(config.data.synthetic.height, config.data.synthetic.width)  # HF ViT interpolates square grids
+    multi_config.model.backbone_args = {**vit, "image_size": side}
+    multi_config.model.feature_layers = [max(1, round(vit["num_hidden_layers"] * k / 4)) for k in range(1, 5)]
+    seed_everything(config.train.seed)
+    multi = build_model(multi_config, info, tasks)
+    train(multi_config, multi, tasks, train_set, args.steps, work / "multitask")
+    multi_flops = counted(multi, image)
+
+    # (c) base = (a)'s semseg model; sub-task deltas, mask fine-tuning, activation sharing.
+    seed_everything(config.train.seed)
+    shared = build_model(config, info, tasks)
+    base_state = {k: v for k, v in singles[names[0]].state_dict().items()
+                  if k.startswith(("encoder.", f"decoders.{names[0]}."))}
+    shared.load_state_dict(base_state, strict=False)
+    sub_tasks = {n: tasks[n] for n in names[1:]}
+    for phase, share in ((1, 0.5), (2, 0.25), (3, 0.25)):
+        shared.set_phase(phase)
+        train(config, shared, sub_tasks, train_set, max(1, round(args.steps * share)), work / f"sharing_phase{phase}")
+    inference = SharedInference(shared, threshold)
+
+    def predict_dense(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        result = inference.dense(x)
+        return result.pred, sum(result.flops.values())
+
+    def predict_shared(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        result = inference.run(x)
+        return result.pred, sum(result.flops.values())
+
+    video_state: dict[str, Any] = {}
+
+    def predict_video(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        video_state["index"] = video_state.get("index", -1) + 1
+        result = inference.run(x, video_state.get("previous"), keyframe=video_state["index"] % interval == 0)
+        video_state["previous"] = result
+        return result.pred, sum(result.flops.values())
+
+    def reset_video() -> None:
+        video_state.clear()
+
+    storage = delta_storage(shared)
+    dense_params = sum(p.numel() for n, p in shared.named_parameters() if not n.startswith("deltas."))
+    nonzero = sum(s["nonzero"] for s in storage.values())
+    params = {
+        "(a) single-task models": sum(p.numel() for m in singles.values() for p in m.parameters()),
+        "(b) shared encoder": sum(p.numel() for p in multi.parameters()),
+        "(c) sharing": dense_params + nonzero,
+    }
+    megabytes = {k: 4 * v / 1e6 for k, v in params.items()}
+    megabytes["(c) sharing"] = (4 * dense_params + 8 * nonzero) / 1e6
+    rows: list[tuple[str, str, str, dict[str, Any]]] = [
+        ("test", "(a) single-task models", "(a) single-task models", score(predict_singles, test, tasks, config, info)),
+        ("test", "(b) shared encoder", "(b) shared encoder", score(lambda x: (multi(x)["pred"], multi_flops),
+                                                                   test, tasks, config, info)),
+        ("test", "(c) sharing, dense sub-tasks (tau=0)", "(c) sharing",
+         score(predict_dense, test, tasks, config, info)),
+        ("test", f"(c) sharing, delta activations (tau={threshold:g})", "(c) sharing",
+         score(predict_shared, test, tasks, config, info)),
+        ("clips", "(a) single-task models, per frame", "(a) single-task models",
+         score(predict_singles, clips, tasks, config, info)),
+        ("clips", f"(c) sharing per frame (tau={threshold:g})", "(c) sharing",
+         score(predict_shared, clips, tasks, config, info)),
+        ("clips", f"(d) video, keyframe every {interval} (tau_t={config.sharing.temporal_threshold:g})", "(c) sharing",
+         score(predict_video, clips, tasks, config, info, reset=reset_video)),
+    ]
+    reference = {split: figures["results"] for split, label, _, figures in rows if label.startswith("(a)")}
+    table = []
+    for split, label, owner, figures in rows:
+        table.append({
+            "split": split, "method": label, "params_M": params[owner] / 1e6, "stored_MB": megabytes[owner],
+            "gflops_per_frame": figures["gflops_per_frame"], "ms_per_frame": figures["ms_per_frame"],
+            "metrics": {n: figures["results"][n][tasks[n].primary_metric] for n in names},
+            "delta_m": delta_m(figures["results"], reference[split], names),
+        })
+    report = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+              "tasks": names, "steps": args.steps, "threshold": threshold, "keyframe_interval": interval,
+              "threads": torch.get_num_threads(), "storage": storage, "table": table}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    text = markdown(report, tasks)
+    print(text)
+    if args.doc:
+        Path(args.doc).write_text(text)
+    return report
+
+
+def markdown(report: dict[str, Any], tasks: dict[str, Task]) -> str:
+    names = report["tasks"]
+    arrows = {n: f"{n} {tasks[n].primary_metric} {'↓' if tasks[n].lower_is_better else '↑'}" for n in names}
+    lines = [
+        "| frames | method | params (M) | stored (MB) | GFLOPs/frame | ms/frame | "
+        + " | ".join(arrows[n] for n in names) + " | Δm vs (a) (%) |",
+        "|" + "---|" * (7 + len(names)),
+    ]
+    for row in report["table"]:
+        cells = [row["split"], row["method"], f"{row['params_M']:.3f}", f"{row['stored_MB']:.2f}",
+                 f"{row['gflops_per_frame']:.3f}", f"{row['ms_per_frame']:.1f}",
+                 *(f"{row['metrics'][n]:.4f}" for n in names), f"{row['delta_m']:+.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| sub-task | non-zero deltas | share | sparse bytes (int32 index + fp32 value) | full copy bytes |",
+              "|---|---|---|---|---|"]
+    for task, s in report["storage"].items():
+        lines.append(f"| {task} | {s['nonzero']} | {100 * s['share']:.2f}% | {s['sparse_bytes']} | {s['full_bytes']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
