@@ -21,7 +21,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from densemtl.config import Config, DataConfig, EvalConfig, from_dict, parse_overrides, read_yaml, to_dict
+from densemtl.config import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    SyntheticConfig,
+    from_dict,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+)
 from densemtl.config import _merge as merge_config
 from densemtl.data.base import DatasetInfo, collate
 from densemtl.data.transforms import pad_to
@@ -256,18 +265,21 @@ def evaluate_predictions(
     out: Path | None = None,
     per_class: bool = False,
     report_all: bool = False,
+    synthetic: SyntheticConfig | None = None,
 ) -> Results:
     """Score predictions saved on disk (``pred_dir/<task>/<image name>.<ext>``) against a dataset split.
 
     Formats are those of :meth:`Task.load` (other codebases' too). A missing prediction, a size
     mismatch or a label out of range raises a DataError naming the file; with ``report_all`` every
-    such file is listed before failing.
+    such file is listed before failing. ``synthetic`` sets the embedded dataset's parameters.
     """
     from densemtl.data import build_dataset
 
     pred_dir = Path(pred_dir)
     names = _prediction_tasks(pred_dir, tasks)
     data_config = DataConfig(dataset=dataset, root=str(root) if root is not None else None, tasks=names)
+    if synthetic is not None:
+        data_config.synthetic = synthetic
     if dataset != "synthetic" and root is None:
         raise UserError(f"dataset '{dataset}' needs --root, the folder holding its ground truth")
     ground_truth = build_dataset(data_config, split, train=False)

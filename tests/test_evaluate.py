@@ -1,0 +1,157 @@
+"""densemtl evaluate: a model on padded batches, a checkpoint, and predictions saved on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from densemtl.config import load_config, to_dict
+from densemtl.data import build_dataset
+from densemtl.data.base import DatasetInfo
+from densemtl.engine.checkpoint import info_to_dict, save_checkpoint
+from densemtl.engine.evaluate import build_metrics, evaluate_checkpoint, evaluate_model, evaluate_predictions
+from densemtl.errors import DataError
+from densemtl.metrics.delta_m import load_results
+from densemtl.models import build_model
+from densemtl.tasks import build_tasks
+from tests.dataset_fixtures import NYUD_LAYOUTS, write_nyud
+
+TASKS = ["semseg", "depth", "normals", "edge"]
+
+
+class PixelModel(nn.Module):
+    """A per-pixel model (1x1 convolutions): its prediction at a pixel ignores padding elsewhere."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads = nn.ModuleDict(
+            {"semseg": nn.Conv2d(3, num_classes, 1), "depth": nn.Conv2d(3, 1, 1), "edge": nn.Conv2d(3, 1, 1)}
+        )
+
+    def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        return {"pred": {name: head(image) for name, head in self.heads.items()}}
+
+
+class VariedSizes(torch.utils.data.Dataset):
+    """Samples of three different sizes, so evaluation batches are padded."""
+
+    info = DatasetInfo(name="toy", tasks=("semseg", "depth", "edge"), num_classes={"semseg": 4})
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.samples = []
+        for index, (h, w) in enumerate([(20, 30), (26, 22), (18, 34)]):
+            edge = np.zeros((1, h, w), dtype=np.float32)
+            edge[0, h // 2, 3:-3] = 1
+            self.samples.append({
+                "image": torch.from_numpy(rng.normal(size=(3, h, w)).astype(np.float32)),
+                "semseg": torch.from_numpy(rng.integers(0, 4, size=(h, w))),
+                "depth": torch.from_numpy(rng.uniform(0.5, 4, size=(1, h, w)).astype(np.float32)),
+                "edge": torch.from_numpy(edge),
+                "meta": {"name": f"s{index}", "size": (h, w)},
+            })
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.samples[index]
+
+
+def test_evaluate_model_crops_padded_batches_back() -> None:
+    dataset = VariedSizes()
+    config = load_config(None, ["data.eval_batch_size=3", "data.tasks=[semseg,depth,edge]"])
+    tasks = build_tasks(["semseg", "depth", "edge"], dataset.info)
+    model = PixelModel(4)
+    results = evaluate_model(model, dataset, tasks, config, include_boundary=True)
+    expected = build_metrics(tasks, dataset.info, config.eval)
+    with torch.no_grad():
+        for sample in dataset:  # one image at a time: no padding at all
+            raw = model(sample["image"][None])["pred"]
+            for name, metric in expected.items():
+                metric.update(tasks[name].predict(raw[name]), sample[name][None])
+    assert results == {name: metric.compute() for name, metric in expected.items()}
+    assert "edge" not in evaluate_model(model, dataset, tasks, config, include_boundary=False)
+
+
+def _save_predictions(pred_dir: Path, tasks: dict, frames: dict[str, dict[str, np.ndarray]]) -> None:
+    for name, task in tasks.items():
+        (pred_dir / name).mkdir(parents=True, exist_ok=True)
+        for image_name, frame in frames.items():
+            value = frame[name]
+            task.save(torch.from_numpy(value if name != "depth" else value[None]), pred_dir / name / image_name)
+
+
+@pytest.mark.parametrize("layout", NYUD_LAYOUTS)
+def test_saved_predictions_round_trip_on_nyud_layouts(tmp_path: Path, layout: str) -> None:
+    expected = write_nyud(tmp_path / "nyud", layout=layout, splits={"train": 1, "val": 2})
+    info = build_dataset(load_config(None, [f"data.root={tmp_path / 'nyud'}", "data.dataset=nyud"]).data,
+                         "val", train=False).info
+    tasks = build_tasks(TASKS, info)
+    frames = {name: {**frame, "semseg": np.where(frame["semseg"] == 255, 0, frame["semseg"])}
+              for name, frame in expected["val"].items()}
+    _save_predictions(tmp_path / "pred", tasks, frames)
+    out = tmp_path / "scores.json"
+    results = evaluate_predictions(tmp_path / "pred", "nyud", tmp_path / "nyud", split="val", out=out, per_class=True)
+    assert results["semseg"]["mIoU"] == pytest.approx(100.0)
+    assert results["depth"]["rmse"] == pytest.approx(0.0, abs=1e-6)
+    assert results["normals"]["mean"] < 0.5  # PNG round trip of unit vectors
+    assert set(results["edge"]) == {"odsF", "oisF", "AP"}
+    written = json.loads(out.read_text())
+    assert load_results(out) == results
+    assert len(written["per_class"]["semseg"]) == 40
+
+
+def test_bad_prediction_files_are_named(tmp_path: Path) -> None:
+    expected = write_nyud(tmp_path / "nyud", layout="NYUDv2", splits={"train": 1, "val": 3})
+    names = sorted(expected["val"])
+    pred = tmp_path / "pred" / "semseg"
+    pred.mkdir(parents=True)
+    Image.fromarray(np.zeros((24, 32), np.uint8)).save(pred / f"{names[0]}.png")
+    Image.fromarray(np.full((24, 32), 45, np.uint8)).save(pred / f"{names[1]}.png")  # NYUD has 40 classes
+    with pytest.raises(DataError, match="label 45 out of range 0..39") as error:
+        evaluate_predictions(tmp_path / "pred", "nyud", tmp_path / "nyud", split="val")
+    assert names[1] in str(error.value)
+    Image.fromarray(np.zeros((20, 32), np.uint8)).save(pred / f"{names[1]}.png")  # wrong size
+    with pytest.raises(DataError) as error:
+        evaluate_predictions(tmp_path / "pred", "nyud", tmp_path / "nyud", split="val", report_all=True)
+    message = str(error.value)
+    assert "2 bad prediction file(s)" in message
+    assert f"{names[1]}.png: prediction size (20, 32), ground truth (24, 32)" in message
+    assert f"no semseg prediction for '{names[2]}'" in message
+    with pytest.raises(DataError, match="no sub-folder"):
+        evaluate_predictions(tmp_path / "pred", "nyud", tmp_path / "nyud", tasks=["depth"])
+
+
+def test_checkpoint_and_saved_predictions_agree(tmp_path: Path) -> None:
+    config = load_config(None, [
+        "data.synthetic.height=32", "data.synthetic.width=48", "data.synthetic.num_train=2",
+        "data.synthetic.num_val=3", f"data.synthetic.cache_dir={tmp_path / 'cache'}", "data.tasks=[semseg,depth]",
+        "model.backbone=resnet-tiny", "model.neck_channels=16", "model.head_channels=16", "train.device=cpu",
+    ])
+    dataset = build_dataset(config.data, "val", train=False)
+    tasks = build_tasks(config.data.tasks, dataset.info)
+    torch.manual_seed(0)
+    model = build_model(config, dataset.info, tasks)
+    checkpoint = save_checkpoint(tmp_path / "model.pt", {
+        "config": to_dict(config), "info": info_to_dict(dataset.info), "model": model.state_dict(), "ema": None,
+    })
+    from_checkpoint = evaluate_checkpoint(checkpoint, split="val", out=tmp_path / "ckpt.json")
+    assert from_checkpoint == evaluate_model(model, dataset, tasks, config)
+    # the same model's predictions written to disk score the same (class ids and float depth are lossless)
+    with torch.no_grad():
+        for sample in dataset:
+            raw = model.eval()(sample["image"][None])["pred"]
+            for name, task in tasks.items():
+                (tmp_path / "pred" / name).mkdir(parents=True, exist_ok=True)
+                task.save(task.predict(raw[name])[0], tmp_path / "pred" / name / sample["meta"]["name"])
+    from_disk = evaluate_predictions(tmp_path / "pred", "synthetic", None, split="val", synthetic=config.data.synthetic)
+    for name in tasks:
+        assert from_disk[name] == pytest.approx(from_checkpoint[name], rel=1e-6), name
