@@ -35,8 +35,12 @@ from densemtl.tasks import IGNORE_INDEX
 
 
 def threshold_levels(count: int) -> np.ndarray:
-    """The benchmark's thresholds: ``count`` evenly spaced values strictly inside (0, 1)."""
-    return np.linspace(1.0 / (count + 1), 1.0 - 1.0 / (count + 1), count)
+    """The benchmark's thresholds ``k / (count + 1)``, k = 1..count (0.01..0.99 for 99).
+
+    Computed as a division so that 0.2 is the double nearest to 0.2, which is also what an 8-bit
+    value 51/255 becomes: ties between a quantised map and a threshold resolve as in SEISM.
+    """
+    return np.arange(1, count + 1) / (count + 1)
 
 
 def precision_recall(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

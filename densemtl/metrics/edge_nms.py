@@ -83,7 +83,7 @@ def edge_nms(
 
 def quantize(prob: np.ndarray) -> np.ndarray:
     """The value an 8-bit PNG keeps (``round(255 p) / 255``), as the field stores NMS output."""
-    return np.round(np.clip(prob, 0, 1) * 255) / 255
+    return np.round(np.clip(prob, 0, 1).astype(np.float64) * 255) / 255
 
 
 # Neighbour order of the thinning conditions: x1 = east, then counter-clockwise (x2 = north-east, ...).

@@ -25,7 +25,7 @@ class SaliencyMetric(CountMetric):
     def __init__(self, thresholds: int = 19) -> None:
         if thresholds < 1:
             raise ValueError(f"saliency thresholds must be positive, got {thresholds}")
-        self.thresholds = np.linspace(0.05, 0.95, thresholds)
+        self.thresholds = np.round(np.linspace(0.05, 0.95, thresholds), 12)  # 0.6 is the double nearest 0.6
         super().__init__()
 
     def zero_counts(self) -> dict[str, torch.Tensor]:
