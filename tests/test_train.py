@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from densemtl.config import Config, load_config
@@ -226,6 +227,8 @@ def test_run_training_validates_keeps_best_and_writes_results(
     assert {"mIoU", "rmse", "mean", "odsF"} <= {m for metrics in results.values() for m in metrics}
     validations = read_log(run, "val")
     assert [r["step"] for r in validations] == [2, 4] and validations[-1]["results"] == results
+    grid = np.array(Image.open(run / "val_predictions.png"))  # 3 samples; image + target|prediction per task
+    assert grid.shape == (3 * 32, 48 * (1 + 2 * 4), 3)
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["step"] == saved["best"]["step"] in (2, 4)
     table = capsys.readouterr().out

@@ -4,8 +4,8 @@
 optional loss hook), a number of steps. It owns AdamW (no weight decay on norms and biases), the
 warm-up schedule, gradient clipping, mixed precision, gradient accumulation, the EMA of weights,
 exact resume (RNG states and the data position are checkpointed), DDP under torchrun, validation,
-logging (tqdm, TensorBoard, ``log.jsonl``) and the ``last.pt`` / ``best.pt`` checkpoints of its run
-directory. Multi-phase methods call it once per phase with their own run directory.
+logging (tqdm, TensorBoard, ``log.jsonl``, a ``val_predictions.png`` grid) and the ``last.pt`` /
+``best.pt`` checkpoints of its run directory. Multi-phase methods call it once per phase with their own run directory.
 
 The best checkpoint is the one with the highest mean normalised primary metric: for each task,
 ``±(M_t - R_t) / |R_t|`` with ``R_t`` the task's primary metric at the first validation of the run and
@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from densemtl.config import Config, to_dict
-from densemtl.data.base import DatasetInfo, collate
+from densemtl.data.base import IMAGE_MEAN, IMAGE_STD, DatasetInfo, collate
 from densemtl.engine import distributed
 from densemtl.engine.checkpoint import capture_rng, info_to_dict, load_checkpoint, restore_rng, save_checkpoint
 from densemtl.engine.objective import Objective, build_objective, shared_parameters
@@ -356,21 +357,26 @@ class Trainer:
         return results, improved
 
     @torch.no_grad()
-    def sample_images(self) -> dict[str, np.ndarray]:
-        """Target | prediction pictures of the first sample of ``sample_set`` (for TensorBoard)."""
+    def prediction_grid(self, count: int = 3) -> np.ndarray | None:
+        """RGB picture of the first ``count`` samples of ``sample_set``: one row each, the image, then
+        every task's target and prediction side by side (written to TensorBoard and the run directory)."""
         if self.sample_set is None or len(self.sample_set) == 0:
-            return {}
-        sample = self.sample_set[0]
+            return None
         model = self.eval_model
         was_training = model.training
         model.eval()
-        output = model(sample["image"][None].to(self.device))["pred"]
+        rows = []
+        for index in range(min(count, len(self.sample_set))):
+            sample = self.sample_set[index]
+            with self._autocast():
+                output = model(sample["image"][None].to(self.device))["pred"]
+            image = sample["image"] * torch.tensor(IMAGE_STD).view(3, 1, 1) + torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+            row = [(image.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()]
+            for name, task in self.tasks.items():
+                row += [task.colorize(sample[name]), task.colorize(task.predict(output[name].float())[0].cpu())]
+            rows.append(np.concatenate(row, axis=1))
         model.train(was_training)
-        pictures = {}
-        for name, task in self.tasks.items():
-            pred = task.predict(output[name].float())[0].cpu()
-            pictures[name] = np.concatenate([task.colorize(sample[name]), task.colorize(pred)], axis=1)
-        return pictures
+        return np.concatenate(rows, axis=0)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -465,7 +471,7 @@ class Trainer:
                     results, improved = self.validate()
                     if results is not None:
                         logger.results(self.step, results, self.best)
-                        logger.images(self.step, self.sample_images() if self.is_main else {})
+                        logger.image(self.step, self.prediction_grid() if self.is_main else None)
                         if self.is_main:
                             write_results(self.run_dir, self.config, results, self.step, self.best)
                 if self.step % self.train_cfg.checkpoint_every == 0 or at_end or evaluated:
@@ -481,6 +487,7 @@ class RunLogger:
 
     def __init__(self, run_dir: Path, active: bool, fresh: bool) -> None:
         self.active = active
+        self.run_dir = run_dir
         self.writer = None
         self.stream = None
         if active:
@@ -512,10 +519,12 @@ class RunLogger:
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(f"val/{task}/{metric}", value, step)
 
-    def images(self, step: int, pictures: dict[str, np.ndarray]) -> None:
-        if self.active:
-            for name, picture in pictures.items():
-                self.writer.add_image(f"val/{name} (target | prediction)", picture, step, dataformats="HWC")
+    def image(self, step: int, grid: np.ndarray | None) -> None:
+        """The prediction grid to TensorBoard and, replacing the previous one, ``val_predictions.png``."""
+        if self.active and grid is not None:
+            self.writer.add_image("val/predictions (image, then target | prediction per task)", grid, step,
+                                  dataformats="HWC")
+            Image.fromarray(grid).save(self.run_dir / "val_predictions.png")
 
     def close(self) -> None:
         if self.active:
