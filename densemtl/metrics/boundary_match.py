@@ -57,18 +57,23 @@ def tolerance_graph(
     lookup = np.full((height + 2 * reach, width + 2 * reach), -1, dtype=np.int64)
     lookup[reach : reach + height, reach : reach + width] = inner.reshape(height, width)
     ys, xs = np.divmod(pred_pixels, width)
-    rows, cols = [], []
+    flat_lookup = lookup.ravel()
+    base = (ys + reach) * lookup.shape[1] + xs + reach
+    blocks = []  # per offset, nearest first: (predicted pixels with a neighbour there, the neighbour)
+    degree = np.zeros(pred_pixels.size, dtype=np.int64)
     for dy, dx in disk_offsets(radius):
-        neighbour = lookup[ys + reach + dy, xs + reach + dx]
+        neighbour = flat_lookup[base + dy * lookup.shape[1] + dx]
         hit = np.flatnonzero(neighbour >= 0)
-        rows.append(hit)
-        cols.append(neighbour[hit])
-    rows_all = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    cols_all = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
-    order = np.argsort(rows_all, kind="stable")  # per row: nearest neighbours first
+        blocks.append((hit, neighbour[hit]))
+        degree[hit] += 1
     indptr = np.zeros(pred_pixels.size + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows_all, minlength=pred_pixels.size), out=indptr[1:])
-    return indptr, cols_all[order], gt_pixels
+    np.cumsum(degree, out=indptr[1:])
+    indices = np.empty(indptr[-1], dtype=np.int64)
+    fill = indptr[:-1].copy()
+    for hit, neighbour in blocks:  # a pixel appears at most once per block: no write conflicts
+        indices[fill[hit]] = neighbour
+        fill[hit] += 1
+    return indptr, indices, gt_pixels
 
 
 class IncrementalMatching:
@@ -83,11 +88,8 @@ class IncrementalMatching:
         num_left = indptr.size - 1
         self.left_ptr = indptr.tolist()
         self.left_adj = indices.tolist()
-        order = np.argsort(indices, kind="stable")
-        right_ptr = np.zeros(num_right + 1, dtype=np.int64)
-        np.cumsum(np.bincount(indices, minlength=num_right), out=right_ptr[1:])
-        self.right_ptr = right_ptr.tolist()
-        self.right_adj = np.repeat(np.arange(num_left), np.diff(indptr))[order].tolist()
+        self.right_ptr: list[int] = []  # the transpose, built on the first removal that needs it
+        self.right_adj: list[int] = []
         self.mate_left = [-1] * num_left
         self.mate_right = [-1] * num_right
         self.active = [False] * num_left
@@ -96,11 +98,51 @@ class IncrementalMatching:
         self.seen_right = [0] * num_right
         self.stamp = 0
         self.size = 0
+        self.indptr = indptr
+        self.indices = indices
+        self.free_right = np.ones(num_right, dtype=bool)  # numpy mirror of mate_right < 0
 
-    def add(self, left: int) -> None:
-        self.active[left] = True
-        if self.left_ptr[left] != self.left_ptr[left + 1] and self._augment_from_left(left):
-            self.size += 1
+    def _direct_matches(self, lefts: np.ndarray) -> np.ndarray:
+        """Match ``lefts`` to free neighbours in a few vectorised rounds; returns those still unmatched.
+
+        Each direct match is an augmenting path of length one, so the matching stays maximum.
+        """
+        for _ in range(3):
+            starts = self.indptr[lefts]
+            counts = self.indptr[lefts + 1] - starts
+            owner = np.repeat(np.arange(lefts.size), counts)
+            edges = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts - starts, counts)
+            rights = self.indices[edges]
+            hits = np.flatnonzero(self.free_right[rights])
+            if not hits.size:
+                break
+            first = hits[np.concatenate([[True], owner[hits[1:]] != owner[hits[:-1]]])]  # first free per left
+            order = np.argsort(rights[first], kind="stable")
+            chosen = first[order]
+            keep = chosen[np.concatenate([[True], rights[chosen[1:]] != rights[chosen[:-1]]])]  # one per right
+            won_left, won_right = lefts[owner[keep]], rights[keep]
+            self.free_right[won_right] = False
+            for a, b in zip(won_left.tolist(), won_right.tolist(), strict=True):
+                self.mate_left[a] = b
+                self.mate_right[b] = a
+            self.size += keep.size
+            matched = np.zeros(lefts.size, dtype=bool)
+            matched[owner[keep]] = True
+            lefts = lefts[~matched]
+            if not lefts.size:
+                break
+        return lefts
+
+    def add(self, lefts: np.ndarray) -> None:
+        """Switch on ``lefts``: direct matches first, then one augmenting-path search per leftover."""
+        for left in lefts.tolist():
+            self.active[left] = True
+        lefts = lefts[self.indptr[lefts + 1] > self.indptr[lefts]]
+        if lefts.size:
+            lefts = self._direct_matches(lefts)
+        for left in lefts.tolist():
+            if self._augment_from_left(left):
+                self.size += 1
 
     def remove(self, left: int) -> None:
         """Switch ``left`` off; if its partner can be re-matched through dead vertices, do so.
@@ -117,8 +159,10 @@ class IncrementalMatching:
             return
         self.mate_left[left] = -1
         self.mate_right[right] = -1
+        self.free_right[right] = True
         self.size -= 1
         if self.dead[right] and self._augment_from_right(right):
+            self.free_right[right] = False
             self.size += 1
 
     def _augment_from_left(self, start: int) -> bool:
@@ -134,6 +178,7 @@ class IncrementalMatching:
             if lo == ptr[left]:  # first visit: take a free neighbour if there is one
                 for right in adj[lo:hi]:
                     if mate_right[right] < 0:
+                        self.free_right[right] = False
                         path_right.append(right)
                         for a, b in zip(path_left, path_right, strict=True):
                             mate_left[a] = b
@@ -161,8 +206,17 @@ class IncrementalMatching:
             dead[right] = True
         return False
 
+    def _build_transpose(self) -> None:
+        order = np.argsort(self.indices, kind="stable")
+        right_ptr = np.zeros(self.free_right.size + 1, dtype=np.int64)
+        np.cumsum(np.bincount(self.indices, minlength=self.free_right.size), out=right_ptr[1:])
+        self.right_ptr = right_ptr.tolist()
+        self.right_adj = np.repeat(np.arange(self.indptr.size - 1), np.diff(self.indptr))[order].tolist()
+
     def _augment_from_right(self, start: int) -> bool:
         """Search from a freed right vertex to a free active left vertex through dead right vertices."""
+        if not self.right_ptr:
+            self._build_transpose()
         ptr, adj, mate_left, mate_right = self.right_ptr, self.right_adj, self.mate_left, self.mate_right
         active, dead, seen = self.active, self.dead, self.seen_left
         self.stamp += 1
@@ -211,7 +265,10 @@ def exact_counts(pred_sets: Sequence[np.ndarray], gt: np.ndarray, radius: float)
     sizes = np.zeros(len(pred_sets), dtype=np.int64)
     if not gt.any() or not any(s.size for s in pred_sets):
         return sizes
-    union = np.unique(np.concatenate(list(pred_sets)))
+    in_union = np.zeros(gt.size, dtype=bool)
+    for pixels in pred_sets:
+        in_union[pixels] = True
+    union = np.flatnonzero(in_union)
     indptr, indices, gt_pixels = tolerance_graph(union, gt, radius)
     matching = IncrementalMatching(indptr, indices, gt_pixels.size)
     present = np.zeros(union.size, dtype=bool)
@@ -220,8 +277,7 @@ def exact_counts(pred_sets: Sequence[np.ndarray], gt: np.ndarray, radius: float)
         now[np.searchsorted(union, pred_sets[k])] = True
         for left in np.flatnonzero(present & ~now).tolist():
             matching.remove(left)
-        for left in np.flatnonzero(now & ~present).tolist():
-            matching.add(left)
+        matching.add(np.flatnonzero(now & ~present))
         present = now
         sizes[k] = matching.size
     return sizes
