@@ -105,6 +105,9 @@ def run_metrics(
         for name, metric in metrics.items():
             pred = tasks[name].predict(raw[name].float()).cpu()
             target = batch[name]
+            if all(tuple(meta["size"]) == tuple(target.shape[-2:]) for meta in batch["meta"]):
+                metric.update(pred, target)  # nothing padded
+                continue
             for index, meta in enumerate(batch["meta"]):
                 height, width = meta["size"]
                 window = (slice(index, index + 1), Ellipsis, slice(0, height), slice(0, width))
