@@ -321,26 +321,31 @@ class ReuseExecutor:
         tau = self.thresholds[name]
         weight, bias = self.weights[name]
         flat = x.reshape(-1, x.shape[-1])
-        selected = ((flat - ref.x).abs().amax(dim=1) > tau).nonzero().squeeze(1)
-        y, new_x = ref.y.clone(), ref.x.clone()
+        significant = torch.linalg.vector_norm(flat - ref.x, ord=float("inf"), dim=1) > tau
+        selected = significant.nonzero().squeeze(1)
+        y, new_x = ref.y, ref.x  # copied only when something changes
         if selected.numel():
             rows = flat.index_select(0, selected)
-            y.index_copy_(0, selected, F.linear(rows, weight, bias))
-            new_x.index_copy_(0, selected, rows)
+            y = y.index_copy(0, selected, F.linear(rows, weight, bias))
+            new_x = new_x.index_copy(0, selected, rows)
             self.flops += 2 * selected.numel() * weight.shape[0] * weight.shape[1]
         correction = self.corrections.get(name)
         if correction is not None and not correction.empty and selected.numel() < flat.shape[0]:
-            reused = torch.ones(flat.shape[0], dtype=torch.bool)
-            reused[selected] = False
-            rest = reused.nonzero().squeeze(1)
-            delta = correction(ref.x.index_select(0, rest))
+            rest = (~significant).nonzero().squeeze(1)
+            delta = correction(ref.x if selected.numel() == 0 else ref.x.index_select(0, rest))
             self.flops += correction.flops_per_token * rest.numel()
-            keep = delta.abs().amax(dim=1) > tau
-            y.index_add_(0, rest[keep], delta[keep])
+            keep = (delta.abs().amax(dim=1) > tau).nonzero().squeeze(1)
+            if keep.numel():
+                y = y.index_add(0, rest.index_select(0, keep), delta.index_select(0, keep))
         self.recomputed[name] = (selected.numel(), flat.shape[0])
         self.trace[name] = LinearRef(new_x, y)
         if name.endswith(".qkv"):
-            self._change[name] = (y - ref.y).abs().amax(dim=1).view(x.shape[:-1])
+            change = (
+                torch.linalg.vector_norm(y - ref.y, ord=float("inf"), dim=1)
+                if y is not ref.y
+                else torch.zeros_like(significant, dtype=y.dtype)
+            )
+            self._change[name] = change.view(x.shape[:-1])
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def attention(self, name: str, qkv: torch.Tensor, heads: int) -> torch.Tensor:
