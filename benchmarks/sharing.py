@@ -15,7 +15,9 @@ of one-image inference on this CPU (``torch.get_num_threads()`` threads).
     python benchmarks/sharing.py                                   # quick (40 steps per model)
     python benchmarks/sharing.py --steps 300 --doc docs/results/sharing.md
 
-JSON to ``--out`` (default runs/bench/sharing.json); ``--doc`` also writes the Markdown table.
+JSON to ``--out`` (default runs/bench/sharing.json); ``--doc`` also writes the Markdown table. Trained
+models are kept next to it (``<out without .json>/<tasks>_steps<N>/``) and reused by a later run with the
+same tasks and steps (delete the folder after changing the config).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -56,26 +59,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=None, help="default: the config's sharing.threshold")
     parser.add_argument("--keyframe-interval", type=int, default=None)
     parser.add_argument("--out", default="runs/bench/sharing.json")
+    parser.add_argument("--timing-images", type=int, default=16, help="test images of the interleaved timing")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the interleaved timing")
     parser.add_argument("--doc", default=None, help="also write the Markdown results here")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     return parser.parse_args(argv)
 
 
 def train(config: Config, model: nn.Module, tasks: dict[str, Task], train_set: Any, steps: int, folder: Path) -> None:
-    """``steps`` optimiser steps of the engine's Trainer on ``tasks`` (no validation)."""
+    """``steps`` optimiser steps of the engine's Trainer on ``tasks`` (no validation); reuses a finished run."""
+    weights = folder / "model.pt"
+    if weights.exists():
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        model.eval()
+        return
     objective = build_objective(config, tasks, {n: model.feature_channels[n] for n in tasks})
     trainer = Trainer(
         config, model, objective, train_set, folder, info=train_set.info,
         parameters=[p for p in model.parameters() if p.requires_grad], steps=steps,
     )
     trainer.fit()
+    torch.save(model.state_dict(), weights)
     model.eval()
 
 
-def counted(model: nn.Module, image: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(image)
-    return counter.get_total_flops()
+def dense_predictor(models: list[nn.Module]) -> Predict:
+    """All tasks' outputs of plain models, with their FLOPs counted once per input shape."""
+    cache: dict[tuple[int, ...], int] = {}
+
+    def predict(image: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        key = tuple(image.shape)
+        if key not in cache:
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                for model in models:
+                    model(image)
+            cache[key] = counter.get_total_flops()
+        return {n: p for model in models for n, p in model(image)["pred"].items()}, cache[key]
+
+    return predict
+
+
+def interleaved_timing(variants: dict[str, Predict], images: list[torch.Tensor], repeats: int) -> dict[str, Any]:
+    """Median ms and mean GFLOPs per image of each variant, run in turn on every image (fair under load)."""
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    flops: dict[str, list[int]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for image in images:
+            for name, predict in variants.items():
+                start = time.perf_counter()
+                with torch.no_grad():
+                    _, count = predict(image)
+                seconds[name].append(time.perf_counter() - start)
+                flops[name].append(count)
+    return {name: {"ms_per_frame": 1e3 * statistics.median(seconds[name]),
+                   "gflops_per_frame": statistics.mean(flops[name]) / 1e9} for name in variants}
 
 
 def score(
@@ -110,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threshold = config.sharing.threshold if args.threshold is None else args.threshold
     interval = config.sharing.keyframe_interval if args.keyframe_interval is None else args.keyframe_interval
     out = Path(args.out)
-    work = out.with_suffix("")
+    work = out.with_suffix("") / f"{'-'.join(names)}_steps{args.steps}"  # trained models, reused when present
     seed_everything(config.train.seed)
     train_set = build_dataset(config.data, "train", train=True)
     test_set = build_dataset(config.data, "test", train=False)
@@ -119,7 +156,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test = [test_set[i] for i in range(len(test_set))]
     clips_set = SyntheticClips(config.data)
     clips = [frame for clip in range(len(clips_set)) for frame in clips_set[clip]]
-    image = test[0]["image"][None]
 
     # (a) one compact ViT per task; the semseg one is also (c)'s base.
     singles: dict[str, SharingModel] = {}
@@ -130,10 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = build_model(single_config, info, {name: tasks[name]})
         train(single_config, model, {name: tasks[name]}, train_set, args.steps, work / f"single_{name}")
         singles[name] = model
-    single_flops = sum(counted(m, image) for m in singles.values())
-
-    def predict_singles(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-        return {n: m(x)["pred"][n] for n, m in singles.items()}, single_flops
+    predict_singles = dense_predictor(list(singles.values()))
 
     # (b) shared encoder (HF ViT of the same size), one head per task.
     vit = config.model.backbone_args
@@ -145,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seed_everything(config.train.seed)
     multi = build_model(multi_config, info, tasks)
     train(multi_config, multi, tasks, train_set, args.steps, work / "multitask")
-    multi_flops = counted(multi, image)
+    predict_multi = dense_predictor([multi])
 
     # (c) base = (a)'s semseg model; sub-task deltas, mask fine-tuning, activation sharing.
     seed_everything(config.train.seed)
@@ -190,8 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     megabytes["(c) sharing"] = (4 * dense_params + 8 * nonzero) / 1e6
     rows: list[tuple[str, str, str, dict[str, Any]]] = [
         ("test", "(a) single-task models", "(a) single-task models", score(predict_singles, test, tasks, config, info)),
-        ("test", "(b) shared encoder", "(b) shared encoder", score(lambda x: (multi(x)["pred"], multi_flops),
-                                                                   test, tasks, config, info)),
+        ("test", "(b) shared encoder", "(b) shared encoder", score(predict_multi, test, tasks, config, info)),
         ("test", "(c) sharing, dense sub-tasks (tau=0)", "(c) sharing",
          score(predict_dense, test, tasks, config, info)),
         ("test", f"(c) sharing, delta activations (tau={threshold:g})", "(c) sharing",
@@ -212,9 +244,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "metrics": {n: figures["results"][n][tasks[n].primary_metric] for n in names},
             "delta_m": delta_m(figures["results"], reference[split], names),
         })
+    timing = {}
+    for scale in (1, 2):
+        images = [F.interpolate(f["image"][None], scale_factor=scale, mode="bilinear", align_corners=False)
+                  if scale > 1 else f["image"][None] for f in test[: args.timing_images]]
+        timing[f"{scale}x"] = interleaved_timing(
+            {"(a) single-task models": predict_singles, "(c) dense sub-tasks (tau=0)": predict_dense,
+             f"(c) delta activations (tau={threshold:g})": predict_shared}, images, args.repeats)
     report = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
               "tasks": names, "steps": args.steps, "threshold": threshold, "keyframe_interval": interval,
-              "threads": torch.get_num_threads(), "storage": storage, "table": table}
+              "threads": torch.get_num_threads(), "storage": storage, "table": table,
+              "timing": timing, "timing_images": args.timing_images, "repeats": args.repeats}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     text = markdown(report, tasks)
@@ -241,6 +281,12 @@ def markdown(report: dict[str, Any], tasks: dict[str, Task]) -> str:
               "|---|---|---|---|---|"]
     for task, s in report["storage"].items():
         lines.append(f"| {task} | {s['nonzero']} | {100 * s['share']:.2f}% | {s['sparse_bytes']} | {s['full_bytes']} |")
+    lines += ["", f"Interleaved timing ({report['timing_images']} test images x {report['repeats']} rounds, "
+              "each variant in turn on every image; 2x = the images upsampled to twice the size):", "",
+              "| input | variant | GFLOPs/frame | ms/frame (median) |", "|---|---|---|---|"]
+    for scale, variants in report["timing"].items():
+        for name, figures in variants.items():
+            lines.append(f"| {scale} | {name} | {figures['gflops_per_frame']:.3f} | {figures['ms_per_frame']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
