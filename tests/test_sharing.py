@@ -242,3 +242,32 @@ def test_temporal_term_is_available() -> None:
 def test_bad_backbone_args_name_the_key() -> None:
     with pytest.raises(ConfigError, match="model.backbone_args.depth"):
         tiny_model(["model.backbone_args={depth: 2}"], trained=False)
+
+
+def test_hugging_face_vit_weights_load_into_the_encoder(tmp_path) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    hf_config = transformers.ViTConfig(
+        hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, patch_size=8,
+        image_size=32, layer_norm_eps=1e-6,
+    )
+    transformers.ViTModel(hf_config, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    hf = transformers.ViTModel.from_pretrained(tmp_path / "vit", add_pooling_layer=False).eval()
+    model = tiny_model([f"model.pretrained={tmp_path / 'vit'}", "data.synthetic.height=32", "data.synthetic.width=32"],
+                       trained=False)
+    image = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        patches, grid = model.encoder.patchify(image)
+        ours = model.encoder.patch(patches)
+        theirs = hf.embeddings.patch_embeddings(image)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        tokens = ours + model.encoder.position(grid)
+        torch.testing.assert_close(tokens, theirs + hf.embeddings.position_embeddings[:, 1:], rtol=1e-5, atol=1e-5)
+        hidden = tokens  # the HF blocks on the patch tokens alone (our encoder has no class token)
+        for layer in hf.layers:
+            hidden = layer(hidden)
+        encoded, _ = model.encoder(image, DenseExecutor(model.encoder.weights()))
+        torch.testing.assert_close(encoded, hf.layernorm(hidden), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        tiny_model([f"model.pretrained={tmp_path / 'missing'}"], trained=False)

@@ -43,6 +43,7 @@ is caught), and each sub-task uses the current base as reference in the patch em
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,7 @@ from densemtl.models.vit_blocks import (
     ViTEncoder,
     Weights,
     attend,
+    load_hf_vit,
     split_heads,
 )
 
@@ -248,9 +250,29 @@ class SharingModel(nn.Module):
 
 
 def build_sharing_model(config: Config, info: DatasetInfo, tasks: dict[str, Task]) -> SharingModel:
-    """The sharing model for ``config`` (``model.arch: sharing``); the ViT size comes from ``model.backbone_args``."""
+    """The sharing model for ``config`` (``model.arch: sharing``); the ViT size comes from ``model.backbone_args``.
+
+    With ``model.pretrained`` (a local folder or hub name of a Hugging Face ``ViTModel``) the encoder's size
+    and weights come from it (:func:`load_hf_vit`); the decoders and deltas start fresh.
+    """
     size = config.data.crop_size or [config.data.synthetic.height, config.data.synthetic.width]
-    return SharingModel(config.model, config.sharing, tasks, (int(size[0]), int(size[1])))
+    model_config, pretrained = config.model, None
+    if config.model.pretrained:
+        from transformers import ViTModel
+
+        try:
+            pretrained = ViTModel.from_pretrained(config.model.pretrained, add_pooling_layer=False)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.pretrained: cannot load a ViT from '{config.model.pretrained}': {err}") from None
+        hf = pretrained.config
+        args = {"hidden_size": hf.hidden_size, "num_hidden_layers": hf.num_hidden_layers,
+                "num_attention_heads": hf.num_attention_heads, "intermediate_size": hf.intermediate_size,
+                "patch_size": hf.patch_size}
+        model_config = dataclasses.replace(config.model, backbone_args=args)
+    model = SharingModel(model_config, config.sharing, tasks, (int(size[0]), int(size[1])))
+    if pretrained is not None:
+        load_hf_vit(model.encoder, pretrained.state_dict(), config.model.pretrained)
+    return model
 
 
 # ---------------------------------------------------------------------- storage

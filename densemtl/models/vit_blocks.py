@@ -185,3 +185,55 @@ class TokenDecoder(nn.Module):
             self.head(x), size=(grid[0] * self.patch, grid[1] * self.patch), mode="bilinear", align_corners=False
         )
         return raw[..., : size[0], : size[1]], x
+
+
+# Hugging Face ViTModel parameter names of a block's parts: (transformers >= 5, transformers 4).
+_HF_BLOCK = {
+    "norm1": ("layernorm_before", "layernorm_before"),
+    "proj": ("attention.o_proj", "attention.output.dense"),
+    "norm2": ("layernorm_after", "layernorm_after"),
+    "fc1": ("mlp.fc1", "intermediate.dense"),
+    "fc2": ("mlp.fc2", "output.dense"),
+}
+_HF_QKV = (
+    ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+    ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+)
+
+
+def load_hf_vit(encoder: ViTEncoder, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a Hugging Face ``ViTModel`` state dict into ``encoder``.
+
+    The class token is dropped (its position embedding too) and the patch position embeddings are resampled
+    (bicubic) to the encoder's grid; q, k, v are concatenated into ``qkv``. Missing or misshapen weights are a
+    :class:`ConfigError` naming ``source``.
+    """
+    from densemtl.errors import ConfigError
+
+    version = 0 if any(key.startswith("layers.") for key in state) else 1
+    layer = ("layers.{}.", "encoder.layer.{}.")[version]
+
+    def get(key: str) -> torch.Tensor:
+        if key not in state:
+            raise ConfigError(f"model.pretrained: '{source}' has no ViT weight '{key}'")
+        return state[key]
+
+    projection = get("embeddings.patch_embeddings.projection.weight")
+    ours = {"patch.weight": projection.reshape(projection.shape[0], -1),
+            "patch.bias": get("embeddings.patch_embeddings.projection.bias"),
+            "norm.weight": get("layernorm.weight"), "norm.bias": get("layernorm.bias")}
+    pos = get("embeddings.position_embeddings")[:, 1:]
+    side = int(round(pos.shape[1] ** 0.5))
+    pos = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    ours["pos"] = F.interpolate(pos, size=tuple(encoder.pos.shape[-2:]), mode="bicubic", align_corners=False)
+    for index in range(len(encoder.blocks)):
+        prefix = layer.format(index)
+        for kind in ("weight", "bias"):
+            for mine, names in _HF_BLOCK.items():
+                ours[f"blocks.{index}.{mine}.{kind}"] = get(f"{prefix}{names[version]}.{kind}")
+            ours[f"blocks.{index}.qkv.{kind}"] = torch.cat([get(f"{prefix}{n}.{kind}") for n in _HF_QKV[version]])
+    try:
+        encoder.load_state_dict(ours)
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1]
+        raise ConfigError(f"model.pretrained: '{source}' does not fit the encoder ({reason})") from None
