@@ -95,3 +95,18 @@ def test_bad_frame_folder_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no frames"):
         list_frames(tmp_path / "empty")
+
+
+def test_cli_predict_video(tmp_path: Path) -> None:
+    from densemtl.cli import main
+
+    write_frames(tmp_path / "frames", 3)
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt")
+    code = main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "frames"), "--out", str(tmp_path / "out"),
+                 "--video"])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "video_report.json").read_text())
+    assert [r["keyframe"] for r in report["per_frame"]] == [True, False, False]  # keyframe_interval 4
+    assert report["per_frame"][1]["gflops"] < report["per_frame"][1]["gflops_full"]
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "nothing"), "--out",
+                 str(tmp_path / "o2"), "--video"]) == 2
