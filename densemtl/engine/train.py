@@ -287,12 +287,12 @@ class Trainer:
                 f"a non-finite loss on another rank at step {self.step}; stopped, the last good checkpoint is kept"
             )
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, torch.Tensor | float]:
         """One optimiser step over ``train.accumulate`` micro-batches; returns the step's figures."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         accumulate = self.train_cfg.accumulate
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor | float] = {}  # tensors: no device sync until they are logged
         for micro in range(accumulate):
             batch = _move(self._next_batch(), self.device)
             total, figures, error = self._forward_loss(batch)
@@ -305,12 +305,12 @@ class Trainer:
             with sync:
                 self.scaler.scale(total / accumulate).backward()
             for key, value in figures.items():
-                sums[key] = sums.get(key, 0.0) + float(value) / accumulate
+                sums[key] = sums.get(key, 0.0) + value.detach() / accumulate
         self._sync_objective_grads()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.train_cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.train_cfg.grad_clip))
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.train_cfg.grad_clip).detach()
         sums["lr"] = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -434,13 +434,15 @@ class Trainer:
         """Train until ``steps``; returns the last validation results (None without an evaluator)."""
         if resume:
             self.resume()
+            if self.step >= self.steps and self.is_main:
+                print(f"densemtl: {self.run_dir} already holds all {self.steps} steps; raise train.steps to go on")
         logger = RunLogger(self.run_dir, self.is_main, fresh=not resume)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
         images_per_step = self.config.data.batch_size * self.train_cfg.accumulate * self.dist.world_size
         bar = tqdm(total=self.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
-        window: dict[str, float] = {}
+        window: dict[str, torch.Tensor | float] = {}
         window_steps, window_start, self.data_wait = 0, time.perf_counter(), 0.0
         try:
             while self.step < self.steps:
@@ -451,14 +453,13 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 speed = window_steps * images_per_step / max(elapsed, 1e-9)
                 bar.update(1)
-                bar.set_postfix(
-                    {n: f"{figures[f'loss/{n}']:.3g}" for n in self.tasks if f"loss/{n}" in figures}
-                    | {"img/s": f"{speed:.1f}"},
-                    refresh=False,
-                )
                 at_end = self.step >= self.steps
                 if self.step % self.train_cfg.log_every == 0 or at_end:
-                    record = {k: v / window_steps for k, v in window.items()}
+                    record = {k: float(v) / window_steps for k, v in window.items()}
+                    bar.set_postfix(
+                        {n: f"{record[f'loss/{n}']:.3g}" for n in self.tasks if f"loss/{n}" in record}
+                        | {"img/s": f"{speed:.1f}"}
+                    )
                     record.update(
                         {"images_per_s": speed, "data_wait_share": self.data_wait / max(elapsed, 1e-9),
                          "epoch": self.epoch}
@@ -614,7 +615,8 @@ def run_training(config: Config, resume: bool = False) -> Results:
         )
         results = trainer.fit(resume=resume) or {}
         if run.dist_info.is_main:
-            print(format_results(results, run.tasks))
+            if results:
+                print(format_results(results, run.tasks))
             print(f"run directory: {run_dir} (best step {trainer.best['step']})")
         return results
     finally:
