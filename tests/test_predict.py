@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 
 from densemtl.data import build_dataset
+from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import load_model
-from densemtl.engine.predict import image_tensor, predict_images
+from densemtl.engine.evaluate import evaluate_model, evaluate_predictions
+from densemtl.engine.predict import predict_images
 from densemtl.errors import DataError, UserError
 from tests.test_train import make_trainer, tiny_config
 
@@ -29,6 +31,29 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[
     return Path(config.out_dir) / "checkpoints" / "last.pt", tmp, images
 
 
+def test_predict_then_evaluate_predictions_scores_like_in_memory_evaluation(
+    trained: tuple[Path, Path, list[Path]],
+) -> None:
+    """The CLI path (`predict` on image files, then `evaluate --predictions`) against `evaluate_model`."""
+    checkpoint, tmp, _ = trained
+    loaded = load_model(checkpoint)
+    val = build_dataset(loaded.config.data, "val", train=False)
+    images = []
+    for index in range(len(val)):  # the frames as PNG files named like the dataset's samples
+        images.append(tmp / "val_png" / f"{val[index]['meta']['name']}.png")
+        images[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(val.arrays["image"][index]).save(images[-1])
+    predict_images(checkpoint, images, tmp / "val_pred", device="cpu")
+    names = ["semseg", "depth", "normals"]
+    from_disk = evaluate_predictions(
+        tmp / "val_pred", "synthetic", None, split="val", tasks=names, synthetic=loaded.config.data.synthetic
+    )
+    in_memory = evaluate_model(loaded.model, val, {n: loaded.tasks[n] for n in names}, loaded.config)
+    assert from_disk["semseg"] == pytest.approx(in_memory["semseg"], abs=1e-9)  # class ids: lossless
+    assert from_disk["depth"] == pytest.approx(in_memory["depth"], rel=1e-5)  # float32 .npy: lossless
+    assert from_disk["normals"]["mean"] == pytest.approx(in_memory["normals"]["mean"], abs=0.5)  # 8-bit PNG
+
+
 def test_predictions_are_written_and_read_back_as_computed(trained: tuple[Path, Path, list[Path]]) -> None:
     checkpoint, tmp, images = trained
     out = tmp / "out"
@@ -38,7 +63,7 @@ def test_predictions_are_written_and_read_back_as_computed(trained: tuple[Path, 
     for path in images:
         rgb = np.array(Image.open(path).convert("RGB"))
         with torch.no_grad():
-            raw = loaded.model(image_tensor(rgb)[None])["pred"]
+            raw = loaded.model(normalize_image(rgb)[None])["pred"]
         for name, task in loaded.tasks.items():
             expected = task.predict(raw[name])[0]
             back = task.load(task.find_file(out / name, path.stem))

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from densemtl.data.base import IMAGE_MEAN, IMAGE_STD
+from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import load_model
 from densemtl.errors import DataError, UserError
 
@@ -29,14 +29,6 @@ def read_image(path: Path) -> np.ndarray:
             return np.array(image.convert("RGB"))
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read image ({err})") from None
-
-
-def image_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """RGB uint8 H x W x 3 -> the model's normalised float 3 x H x W input."""
-    image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
-    return (image - mean) / std
 
 
 def predict_images(checkpoint: Path, images: list[Path], out: Path, device: str | None = None) -> list[Path]:
@@ -55,7 +47,7 @@ def predict_images(checkpoint: Path, images: list[Path], out: Path, device: str 
         path = Path(path)
         rgb = read_image(path)
         with torch.no_grad():
-            raw = loaded.model(image_tensor(rgb)[None].to(target))["pred"]
+            raw = loaded.model(normalize_image(rgb)[None].to(target))["pred"]
         pictures = [rgb]
         for name, task in loaded.tasks.items():
             prediction = task.predict(raw[name].float())[0].cpu()

@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from densemtl.config import Config, to_dict
-from densemtl.data.base import IMAGE_MEAN, IMAGE_STD, DatasetInfo, collate
+from densemtl.data.base import DatasetInfo, collate
+from densemtl.data.transforms import denormalize_image
 from densemtl.engine import distributed
 from densemtl.engine.checkpoint import capture_rng, info_to_dict, load_checkpoint, restore_rng, save_checkpoint
 from densemtl.engine.objective import Objective, build_objective, shared_parameters
@@ -370,8 +371,7 @@ class Trainer:
             sample = self.sample_set[index]
             with self._autocast():
                 output = model(sample["image"][None].to(self.device))["pred"]
-            image = sample["image"] * torch.tensor(IMAGE_STD).view(3, 1, 1) + torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-            row = [(image.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()]
+            row = [denormalize_image(sample["image"])]
             for name, task in self.tasks.items():
                 row += [task.colorize(sample[name]), task.colorize(task.predict(output[name].float())[0].cpu())]
             rows.append(np.concatenate(row, axis=1))
