@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from densemtl.config import load_config, to_dict
+from densemtl.config import DataConfig, load_config, to_dict
 from densemtl.data import build_dataset
 from densemtl.data.base import DatasetInfo
 from densemtl.engine.checkpoint import info_to_dict, save_checkpoint
@@ -20,7 +20,7 @@ from densemtl.errors import DataError
 from densemtl.metrics.delta_m import load_results
 from densemtl.models import build_model
 from densemtl.tasks import build_tasks
-from tests.dataset_fixtures import NYUD_LAYOUTS, write_nyud
+from tests.dataset_fixtures import NYUD_LAYOUTS, write_nyud, write_pascal
 
 TASKS = ["semseg", "depth", "normals", "edge"]
 
@@ -109,6 +109,28 @@ def test_saved_predictions_round_trip_on_nyud_layouts(tmp_path: Path, layout: st
     assert len(written["per_class"]["semseg"]) == 40
 
 
+def test_saved_predictions_round_trip_on_pascal(tmp_path: Path) -> None:
+    write_pascal(tmp_path / "pascal", splits={"train": 1, "val": 2})
+    names = ["semseg", "human_parts", "saliency", "normals", "edge"]
+    data = DataConfig(dataset="pascal", root=str(tmp_path / "pascal"), tasks=names)
+    ground_truth = build_dataset(data, "val", train=False)
+    tasks = build_tasks(names, ground_truth.info)
+    for index in range(len(ground_truth)):  # the ground truth itself, ignore labels replaced by valid values
+        sample = ground_truth[index]
+        for name, task in tasks.items():
+            value = sample[name]
+            if name != "normals":
+                value = torch.where(value == 255, torch.zeros_like(value), value)
+            (tmp_path / "pred" / name).mkdir(parents=True, exist_ok=True)
+            task.save(value, tmp_path / "pred" / name / sample["meta"]["name"])
+    results = evaluate_predictions(tmp_path / "pred", "pascal", tmp_path / "pascal", split="val")
+    assert results["semseg"]["mIoU"] == pytest.approx(100.0)
+    assert results["human_parts"]["mIoU"] == pytest.approx(100.0)
+    assert results["saliency"]["maxF"] == pytest.approx(100.0)
+    assert results["normals"]["mean"] < 0.5
+    assert 0.0 <= results["edge"]["odsF"] <= 100.0
+
+
 def test_bad_prediction_files_are_named(tmp_path: Path) -> None:
     expected = write_nyud(tmp_path / "nyud", layout="NYUDv2", splits={"train": 1, "val": 3})
     names = sorted(expected["val"])
@@ -147,7 +169,8 @@ def test_checkpoint_and_saved_predictions_agree(tmp_path: Path) -> None:
     assert from_checkpoint == evaluate_model(model, dataset, tasks, config)
     # the same model's predictions written to disk score the same (class ids and float depth are lossless)
     with torch.no_grad():
-        for sample in dataset:
+        for index in range(len(dataset)):
+            sample = dataset[index]
             raw = model.eval()(sample["image"][None])["pred"]
             for name, task in tasks.items():
                 (tmp_path / "pred" / name).mkdir(parents=True, exist_ok=True)
