@@ -30,7 +30,9 @@ def _orientation(edges: np.ndarray) -> np.ndarray:
     oy, ox = np.gradient(smooth)
     oxx = np.gradient(ox, axis=1)
     oyy, oxy = np.gradient(oy)
-    return np.mod(np.arctan(oyy * np.sign(-oxy) / (oxx + 1e-5)), np.pi).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        orientation = np.mod(np.arctan(oyy * np.sign(-oxy) / (oxx + 1e-5)), np.pi)
+    return np.nan_to_num(orientation, nan=0.0).astype(np.float32)  # 0/0: undefined, take horizontal
 
 
 def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
