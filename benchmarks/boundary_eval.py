@@ -96,11 +96,11 @@ def time_bsds_kernel(soft: np.ndarray, gt: np.ndarray, max_dist: float, probe: l
 def compare_matchers(images: int, size: tuple[int, int], max_dist: float, thresholds: int, regions: int) -> dict:
     """ODS/OIS/AP and time per image of both matchers on the same images."""
     out = {}
+    pairs = [noisy_pair(1000 + seed, *size, regions=regions) for seed in range(images)]
     for matcher in ("exact", "bsds"):
         metric = BoundaryMetric(max_dist=max_dist, thresholds=thresholds, matcher=matcher)
         cpu, start = time.process_time(), time.perf_counter()
-        for seed in range(images):
-            soft, gt = noisy_pair(1000 + seed, *size, regions=regions)
+        for soft, gt in pairs:
             metric.update(soft[None, None], gt[None, None].astype(np.float32))
         out[matcher] = {
             **metric.compute(),
