@@ -1,22 +1,23 @@
 """Matching predicted to ground-truth boundary pixels at every threshold of one image.
 
-Two matchers share one interface, :func:`match_counts` (matched predicted pixels and matched
-ground-truth pixels at each threshold):
+Two matchers, called by :func:`densemtl.metrics.boundary.image_counts` with the predicted pixel set of
+every threshold:
 
-``exact``
+``exact`` (:func:`exact_counts`)
     A maximum-cardinality one-to-one matching on the bipartite graph whose edges join a predicted and a
-    ground-truth pixel at most ``max_dist x diagonal`` apart. The maximum size does not depend on the
-    order of the pixels. All thresholds are answered by one incremental matching: thresholds are visited
-    from the highest down, the predicted pixels that appear are added (each followed by one augmenting
-    path search, which keeps the matching maximum) and the few that disappear (thinning is not
-    monotone) are removed (followed by one search from the freed ground-truth pixel). Ground-truth
-    pixels proved unreachable by a failed search stay marked "dead" until the next removal, so failed
-    searches cost O(edges) in total. The result equals a separate maximum matching per threshold.
+    ground-truth pixel at most ``max_dist x diagonal`` apart. Its size does not depend on the order of
+    the pixels. All thresholds are answered by one incremental matching: thresholds are visited from
+    the highest down; predicted pixels that appear are added (a direct match to a free neighbour, else
+    one augmenting-path search: either keeps the matching maximum) and the few that disappear
+    (thinning is not monotone) are removed (then at most one search from the freed ground-truth pixel).
+    Ground-truth pixels proved unreachable by a failed search are marked "dead" and never searched
+    again while they stay so, which bounds the cost of failed searches. The result equals a separate
+    maximum matching per threshold (tests compare with scipy's Hopcroft-Karp).
 
-``bsds``
+``bsds`` (:func:`bsds_counts`)
     The original BSDS assignment (``correspondPixels``, a sparse min-cost assignment with outliers) from
     the optional ``pyEdgeEval`` package, called once per threshold: numbers comparable with tables
-    computed by SEISM / the BSDS benchmark, at a few seconds per threshold.
+    computed by SEISM / the BSDS benchmark, at seconds per threshold.
 """
 
 from __future__ import annotations
@@ -79,9 +80,9 @@ def tolerance_graph(
 class IncrementalMatching:
     """A maximum bipartite matching kept maximum while left vertices are switched on and off.
 
-    Left = predicted pixels, right = ground-truth pixels. ``add(i)`` / ``remove(i)`` update the
-    matching with at most one augmenting-path search; ``size`` is always the maximum matching size of
-    the graph restricted to the active left vertices.
+    Left = predicted pixels, right = ground-truth pixels. ``add(lefts)`` / ``remove(left)`` update the
+    matching with at most one augmenting-path search per vertex; ``size`` is always the maximum
+    matching size of the graph restricted to the active left vertices.
     """
 
     def __init__(self, indptr: np.ndarray, indices: np.ndarray, num_right: int) -> None:
