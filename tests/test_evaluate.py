@@ -16,7 +16,7 @@ from densemtl.data import build_dataset
 from densemtl.data.base import DatasetInfo
 from densemtl.engine.checkpoint import info_to_dict, save_checkpoint
 from densemtl.engine.evaluate import build_metrics, evaluate_checkpoint, evaluate_model, evaluate_predictions
-from densemtl.errors import DataError
+from densemtl.errors import DataError, UserError
 from densemtl.metrics.delta_m import load_results
 from densemtl.models import build_model
 from densemtl.tasks import build_tasks
@@ -167,6 +167,9 @@ def test_checkpoint_and_saved_predictions_agree(tmp_path: Path) -> None:
     })
     from_checkpoint = evaluate_checkpoint(checkpoint, split="val", out=tmp_path / "ckpt.json")
     assert from_checkpoint == evaluate_model(model, dataset, tasks, config)
+    assert load_results(tmp_path / "ckpt.json") == from_checkpoint
+    with pytest.raises(UserError, match="weights do not fit"):  # overrides reach the rebuilt model
+        evaluate_checkpoint(checkpoint, overrides=["model.head_channels=8"], split="val")
     # the same model's predictions written to disk score the same (class ids and float depth are lossless)
     with torch.no_grad():
         for index in range(len(dataset)):
