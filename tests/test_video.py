@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from densemtl.config import to_dict
+from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import info_to_dict, save_checkpoint
-from densemtl.engine.predict import image_tensor
 from densemtl.engine.video import list_frames, predict_video, run_video
 from densemtl.errors import DataError
 from densemtl.models.sharing import SharedInference
@@ -35,7 +35,7 @@ def write_frames(folder: Path, count: int, static: bool = False) -> list[Path]:
 
 
 def images(paths: list[Path]) -> list[torch.Tensor]:
-    return [image_tensor(np.array(Image.open(p).convert("RGB")))[None] for p in paths]
+    return [normalize_image(np.array(Image.open(p).convert("RGB")))[None] for p in paths]
 
 
 def save_tiny_checkpoint(path: Path) -> Path:

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import load_model
-from densemtl.engine.predict import image_tensor, read_image
+from densemtl.engine.predict import read_image
 from densemtl.errors import ConfigError, DataError, UserError
 from densemtl.models.sharing import FrameResult, SharedInference, SharingModel
 
@@ -81,7 +82,7 @@ def predict_video(
     for name in loaded.tasks:
         (out / name).mkdir(parents=True, exist_ok=True)
     target = next(loaded.model.parameters()).device
-    images = [image_tensor(read_image(path))[None].to(target) for path in paths]
+    images = [normalize_image(read_image(path))[None].to(target) for path in paths]
     records = []
     frames = run_video(inference, images, interval)
     progress = tqdm(zip(paths, frames, strict=True), total=len(paths), desc="video", unit="frame")

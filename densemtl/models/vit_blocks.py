@@ -59,7 +59,7 @@ def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of queries ``q`` (... x n x d) over ``k``, ``v``: (probabilities, output)."""
-    probs = torch.softmax(q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5), dim=-1)
+    probs = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1)
     return probs, probs @ v
 
 
