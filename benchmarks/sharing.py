@@ -51,6 +51,15 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_sharing.ya
 Predict = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], int]]
 
 
+def video_setting(text: str) -> tuple[float, int]:
+    """``"0.15:2"`` -> (temporal threshold, sub-task blocks following the current base)."""
+    try:
+        tau, layers = text.split(":")
+        return float(tau), int(layers)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TAU_T:LAYERS such as 0.15:2, got '{text}'") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(CONFIG))
@@ -58,8 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40, help="training steps of every model")
     parser.add_argument("--threshold", type=float, default=None, help="default: the config's sharing.threshold")
     parser.add_argument("--keyframe-interval", type=int, default=None)
+    parser.add_argument("--video", nargs="+", type=video_setting, default=None, metavar="TAU_T:LAYERS",
+                        help="one (d) row per temporal threshold and number of sub-task blocks that follow the "
+                             "current base, e.g. 0.15:2 0.5:2 0.15:4; default: the config's values")
     parser.add_argument("--out", default="runs/bench/sharing.json")
-    parser.add_argument("--timing-images", type=int, default=16, help="test images of the interleaved timing")
+    parser.add_argument("--timing-images", type=int, default=8, help="test images of the interleaved timing")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the interleaved timing")
     parser.add_argument("--doc", default=None, help="also write the Markdown results here")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
@@ -200,16 +212,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = inference.run(x)
         return result.pred, sum(result.flops.values())
 
-    video_state: dict[str, Any] = {}
+    def video_predictor(temporal_threshold: float, task_layers: int) -> tuple[Predict, Callable[[], None]]:
+        """Frame-by-frame prediction reusing the previous frame; ``reset`` starts a new clip."""
+        video = SharedInference(shared, threshold, temporal_threshold, task_layers)
+        state: dict[str, Any] = {}
 
-    def predict_video(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-        video_state["index"] = video_state.get("index", -1) + 1
-        result = inference.run(x, video_state.get("previous"), keyframe=video_state["index"] % interval == 0)
-        video_state["previous"] = result
-        return result.pred, sum(result.flops.values())
+        def predict(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+            state["index"] = state.get("index", -1) + 1
+            result = video.run(x, state.get("previous"), keyframe=state["index"] % interval == 0)
+            state["previous"] = result
+            return result.pred, sum(result.flops.values())
 
-    def reset_video() -> None:
-        video_state.clear()
+        return predict, state.clear
 
     storage = delta_storage(shared)
     dense_params = sum(p.numel() for n, p in shared.named_parameters() if not n.startswith("deltas."))
@@ -232,9 +246,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
          score(predict_singles, clips, tasks, config, info)),
         ("clips", f"(c) sharing per frame (tau={threshold:g})", "(c) sharing",
          score(predict_shared, clips, tasks, config, info)),
-        ("clips", f"(d) video, keyframe every {interval} (tau_t={config.sharing.temporal_threshold:g})", "(c) sharing",
-         score(predict_video, clips, tasks, config, info, reset=reset_video)),
     ]
+    for tau_t, layers in args.video or [(config.sharing.temporal_threshold, config.sharing.video_task_layers)]:
+        predict_video, reset_video = video_predictor(tau_t, layers)
+        label = f"(d) video, keyframe every {interval} (tau_t={tau_t:g}, sub-tasks follow the base in {layers} blocks)"
+        rows.append(("clips", label, "(c) sharing",
+                     score(predict_video, clips, tasks, config, info, reset=reset_video)))
     reference = {split: figures["results"] for split, label, _, figures in rows if label.startswith("(a)")}
     table = []
     for split, label, owner, figures in rows:
