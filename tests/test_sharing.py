@@ -271,3 +271,13 @@ def test_hugging_face_vit_weights_load_into_the_encoder(tmp_path) -> None:
         torch.testing.assert_close(encoded, hf.layernorm(hidden), rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="model.pretrained"):
         tiny_model([f"model.pretrained={tmp_path / 'missing'}"], trained=False)
+
+
+def test_shipped_config_builds_the_sharing_model() -> None:
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic_sharing.yaml")
+    info = synthetic_info()
+    model = build_model(config, info, build_tasks(config.data.tasks, info))
+    assert isinstance(model, SharingModel) and model.sub_tasks == ["depth", "normals", "edge"]
+    assert len(config.sharing.phase_steps) == 4
