@@ -73,7 +73,9 @@ def test_multitask_losses_fall_and_run_directory_is_written(tmp_path: Path) -> N
     assert records[0]["weight/normals"] == 10.0  # the task's default weight reaches the balancer
     run = Path(config.out_dir)
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.pt").is_file()
-    assert any((run / "tensorboard").iterdir())
+    assert len(list((run / "tensorboard").iterdir())) == 1
+    make_trainer(tiny_config(tmp_path, "train.steps=1")).fit()  # a fresh run in the same directory
+    assert len(list((run / "tensorboard").iterdir())) == 1 and len(read_log(run)) == 1
 
 
 class StopAt:

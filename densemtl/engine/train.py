@@ -429,6 +429,14 @@ class Trainer:
         path = self.checkpoint_dir / "last.pt"
         self.load_state_dict(load_checkpoint(path), str(path))
 
+    def _clear_previous_run(self) -> None:
+        """A fresh run in a used directory drops the old best checkpoint, results and TensorBoard events,
+        so nothing of the earlier run can pass for this one (``last.pt`` is overwritten as it goes)."""
+        stale = [self.checkpoint_dir / "best.pt", self.run_dir / "results.json"]
+        stale += list((self.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> Results | None:
         """Train until ``steps``; returns the last validation results (None without an evaluator)."""
@@ -436,6 +444,8 @@ class Trainer:
             self.resume()
             if self.step >= self.steps and self.is_main:
                 print(f"densemtl: {self.run_dir} already holds all {self.steps} steps; raise train.steps to go on")
+        if self.is_main and not resume:
+            self._clear_previous_run()
         logger = RunLogger(self.run_dir, self.is_main, fresh=not resume)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
