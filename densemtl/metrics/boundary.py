@@ -4,7 +4,7 @@ Per image, as the field's pipeline does it (HED ``nms_process`` then SEISM's ``e
 
 1. the soft prediction is NMS-thinned (:func:`densemtl.metrics.edge_nms.edge_nms`) and rounded to
    8 bits, as the field writes it to PNG before SEISM reads it back;
-2. for each threshold t of ``linspace(1/(K+1), 1 - 1/(K+1), K)`` (0.01..0.99 for K = 99) the map
+2. for each threshold t = k / (K + 1), k = 1..K (0.01..0.99 for K = 99) the map
    ``nms >= t`` is thinned again (``bwmorph(..., 'thin', Inf)``: SEISM thins every thresholded
    prediction; its ground truth comes from ``seg2bmap`` and is already one pixel wide, so the ground
    truth is used as given here);
@@ -18,7 +18,9 @@ Pixels whose target is 255 (ignore / padding) are excluded from both sides: they
 ground-truth boundary pixels and predicted pixels there are dropped after the NMS.
 
 ODS = the best threshold's F of the split-level counts; OIS = F of the counts summed over images,
-each image at its own best threshold (SEISM's ``general_ois``); AP = the mean of the precision
+each image at its own best threshold (SEISM's ``general_ois``; an image without ground-truth
+boundaries has F = 0 everywhere and contributes its lowest-threshold prediction count, as in SEISM);
+AP = the mean of the precision
 interpolated at recall 0, 0.01, .., 1 within the recall range reached (SEISM's ``general_ap``).
 All in percent. What ``sync`` sums: the per-threshold counts and the OIS counts (integers).
 """
