@@ -15,7 +15,14 @@ from densemtl.config import DataConfig, load_config, to_dict
 from densemtl.data import build_dataset
 from densemtl.data.base import DatasetInfo
 from densemtl.engine.checkpoint import info_to_dict, save_checkpoint
-from densemtl.engine.evaluate import build_metrics, evaluate_checkpoint, evaluate_model, evaluate_predictions
+from densemtl.engine.evaluate import (
+    build_metrics,
+    compute_all,
+    evaluate_checkpoint,
+    evaluate_model,
+    evaluate_predictions,
+    run_metrics,
+)
 from densemtl.errors import DataError, UserError
 from densemtl.metrics.delta_m import load_results
 from densemtl.models import build_model
@@ -79,6 +86,34 @@ def test_evaluate_model_crops_padded_batches_back() -> None:
                 metric.update(tasks[name].predict(raw[name]), sample[name][None])
     assert results == {name: metric.compute() for name, metric in expected.items()}
     assert "edge" not in evaluate_model(model, dataset, tasks, config, include_boundary=False)
+
+
+def _sharded_worker(rank: int, init_file: str, out_file: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dataset = VariedSizes()
+    config = load_config(None, ["data.eval_batch_size=2", "data.tasks=[semseg,depth,edge]"])
+    tasks = build_tasks(["semseg", "depth", "edge"], dataset.info)
+    metrics = build_metrics(tasks, dataset.info, config.eval)
+    run_metrics(PixelModel(4), dataset, tasks, metrics, config, "cpu")
+    results = compute_all(metrics)
+    if rank == 0:  # the summed counts must cover every pixel of the split exactly once
+        results["pixels"] = int(metrics["semseg"].counts["confusion"].sum())
+        Path(out_file).write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+def test_evaluate_model_shards_the_split_over_two_processes(tmp_path: Path) -> None:
+    out_file = tmp_path / "results.json"
+    torch.multiprocessing.spawn(_sharded_worker, args=(str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
+    dataset = VariedSizes()
+    config = load_config(None, ["data.eval_batch_size=3", "data.tasks=[semseg,depth,edge]"])
+    single = evaluate_model(PixelModel(4), dataset, build_tasks(["semseg", "depth", "edge"], dataset.info), config,
+                            include_boundary=True)
+    reduced = json.loads(out_file.read_text())
+    assert reduced.pop("pixels") == sum(sample["semseg"].numel() for sample in dataset.samples)
+    for name in single:
+        assert reduced[name] == pytest.approx(single[name], rel=1e-9), name
 
 
 def _save_predictions(pred_dir: Path, tasks: dict, frames: dict[str, dict[str, np.ndarray]]) -> None:
