@@ -112,12 +112,16 @@ def dense_predictor(models: list[nn.Module]) -> Predict:
 
 
 def interleaved_timing(variants: dict[str, Predict], images: list[torch.Tensor], repeats: int) -> dict[str, Any]:
-    """Median ms and mean GFLOPs per image of each variant, run in turn on every image (fair under load)."""
+    """Median ms and mean GFLOPs per image of each variant, run in turn on every image, in a rotating order
+    (fair under a varying machine load)."""
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     flops: dict[str, list[int]] = {name: [] for name in variants}
+    names = list(variants)
     for _ in range(repeats):
-        for image in images:
-            for name, predict in variants.items():
+        for index, image in enumerate(images):
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                predict = variants[name]
                 start = time.perf_counter()
                 with torch.no_grad():
                     _, count = predict(image)
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result.pred, sum(result.flops.values())
 
     def predict_shared(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-        result = inference.run(x)
+        result = inference.run(x, for_video=False)
         return result.pred, sum(result.flops.values())
 
     def video_predictor(temporal_threshold: float, task_layers: int) -> tuple[Predict, Callable[[], None]]:
@@ -299,7 +303,8 @@ def markdown(report: dict[str, Any], tasks: dict[str, Task]) -> str:
     for task, s in report["storage"].items():
         lines.append(f"| {task} | {s['nonzero']} | {100 * s['share']:.2f}% | {s['sparse_bytes']} | {s['full_bytes']} |")
     lines += ["", f"Interleaved timing ({report['timing_images']} test images x {report['repeats']} rounds, "
-              "each variant in turn on every image; 2x = the images upsampled to twice the size):", "",
+              "each variant in turn on every image, rotating the order; 2x = the images upsampled to twice "
+              "the size):", "",
               "| input | variant | GFLOPs/frame | ms/frame (median) |", "|---|---|---|---|"]
     for scale, variants in report["timing"].items():
         for name, figures in variants.items():

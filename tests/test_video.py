@@ -110,3 +110,12 @@ def test_cli_predict_video(tmp_path: Path) -> None:
     assert report["per_frame"][1]["gflops"] < report["per_frame"][1]["gflops_full"]
     assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "nothing"), "--out",
                  str(tmp_path / "o2"), "--video"]) == 2
+
+
+def test_single_image_result_cannot_seed_a_video(tmp_path: Path) -> None:
+    frames = images(write_frames(tmp_path / "frames", 2))
+    inference = SharedInference(tiny_model(), threshold=0.15)
+    single = inference.run(frames[0], for_video=False)
+    torch.testing.assert_close(single.pred["depth"], inference.run(frames[0]).pred["depth"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="for_video"):
+        inference.run(frames[1], single, keyframe=False)

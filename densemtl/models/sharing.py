@@ -324,12 +324,16 @@ class ReuseExecutor:
     ``thresholds`` each layer's tau, ``corrections`` the weight-delta term for layers whose reference was
     computed with other weights. ``trace`` is this run's own trace (reference inputs updated only where
     recomputed), ``flops`` the matrix-product FLOPs executed, ``recomputed[name] = (computed, total)``.
+    With ``keep_attention`` False the trace holds no attention entries (no copy of the N x N probabilities),
+    so it cannot serve as a later frame's reference.
     """
 
     def __init__(
-        self, weights: Weights, refs: Trace, thresholds: dict[str, float], corrections: dict[str, WeightCorrection]
+        self, weights: Weights, refs: Trace, thresholds: dict[str, float], corrections: dict[str, WeightCorrection],
+        keep_attention: bool = True,
     ) -> None:
         self.weights = weights
+        self.keep_attention = keep_attention
         self.refs = refs
         self.thresholds = thresholds
         self.corrections = corrections
@@ -377,7 +381,8 @@ class ReuseExecutor:
             self.recomputed[name] = (0, batch * tokens)
             return ref.out
         q, k, v = split_heads(qkv, heads)
-        probs, out = ref.probs.clone(), ref.out.clone()
+        probs = ref.probs.clone() if self.keep_attention else None
+        out = ref.out.clone()
         computed = 0
         for b in range(batch):
             estimate = (ref.probs[b] @ change[b]).amax(dim=0)  # change is 0 on unchanged tokens
@@ -386,12 +391,14 @@ class ReuseExecutor:
             if rows.numel() == 0:
                 continue
             row_probs, row_out = attend(q[b][:, rows], k[b], v[b])
-            probs[b][:, rows] = row_probs
+            if probs is not None:
+                probs[b][:, rows] = row_probs
             out[b, rows] = row_out.transpose(0, 1).flatten(1)
             self.flops += 4 * rows.numel() * tokens * width
             computed += rows.numel()
         self.recomputed[name] = (computed, batch * tokens)
-        self.trace[name] = AttentionRef(probs, out)
+        if probs is not None:
+            self.trace[name] = AttentionRef(probs, out)
         return out
 
 
@@ -478,12 +485,18 @@ class SharedInference:
 
     @torch.no_grad()
     def run(
-        self, image: torch.Tensor, previous: FrameResult | None = None, keyframe: bool = True
+        self, image: torch.Tensor, previous: FrameResult | None = None, keyframe: bool = True, for_video: bool = True
     ) -> FrameResult:
-        """One frame: the base densely on a keyframe (else reusing ``previous``), sub-tasks from the base."""
+        """One frame: the base densely on a keyframe (else reusing ``previous``), sub-tasks from the base.
+
+        ``for_video`` False skips copying the sub-tasks' attention probabilities (a single image needs no
+        trace for a next frame); such a result cannot be ``previous`` of a later frame.
+        """
         size = tuple(image.shape[-2:])
         base = self.model.base_task
         temporal = previous is not None and not keyframe
+        if temporal and any("blocks.0.attn" not in previous.traces[t] for t in self.model.sub_tasks):
+            raise ValueError("the previous frame was run with for_video=False; it cannot be reused")
         pred, flops, traces, recomputed = {}, {}, {}, {}
         if temporal:
             executor = ReuseExecutor(self.weights[base], previous.traces[base], self.time_tau, {})
@@ -503,7 +516,7 @@ class SharedInference:
                     refs[name], taus[name] = traces[base][name], self.task_tau[name]
                     if name in self.corrections[task]:
                         corrections[name] = self.corrections[task][name]
-            executor = ReuseExecutor(self.weights[task], refs, taus, corrections)
+            executor = ReuseExecutor(self.weights[task], refs, taus, corrections, keep_attention=for_video)
             tokens, grid = self.encoder(image, executor)
             pred[task], decoder_flops = self._decode(task, tokens, grid, size)
             flops[task] = executor.flops + decoder_flops
