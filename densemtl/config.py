@@ -105,11 +105,11 @@ class ContrastiveConfig:
     """Cross-task contrastive regularization (training only)."""
 
     enabled: bool = False
-    weight: float = 0.1
+    weight: float = 0.5  # tuned on the synthetic scenes (docs/results/contrastive.md)
     loss: Literal["triplet", "infonce"] = "infonce"
     margin: float = 0.3
     temperature: float = 0.1
-    num_pixels: int = 256
+    num_pixels: int = 256  # sampled per batch, shared out over its images
     projector_dim: int = 64
     depth_positive: float = 0.05  # relative depth difference under which two pixels are positives
     depth_negative: float = 0.2  # and over which they are negatives
