@@ -227,3 +227,24 @@ def test_engine_objective_backpropagates_the_weighted_total(name):
         weight = figures[f"weight/{t}"].item()
         torch.testing.assert_close(pred[t].grad, weight * alone_pred, rtol=1e-4, atol=1e-8)
         torch.testing.assert_close(side[t].grad, weight * alone_side, rtol=1e-4, atol=1e-8)
+
+
+def test_gradnorm_last_parameters_restricts_the_norms():
+    def run(args: dict, extra: bool) -> dict[str, float]:
+        balancer = build_balancer(LossConfig(balancer="gradnorm", balancer_args=args), TASKS)
+        optimizer = torch.optim.SGD(balancer.parameters(), lr=0.05)
+        early = nn.Parameter(torch.ones(3))  # a shared tensor whose gradients favour semseg 10x
+        shared = nn.Parameter(torch.ones(3))
+        for step in range(5):
+            out = shared * torch.tensor([1.0, 4.0, 1.0]) + early * torch.tensor([10.0, 0.0, 0.0])
+            losses = {t: out[i] ** 2 / 2 for i, t in enumerate(TASKS)}
+            optimizer.zero_grad()
+            total, weights = balancer.combine(losses, step, [early, shared] if extra else [shared])
+            total.backward()
+            optimizer.step()
+        return weights
+
+    assert run({"last_parameters": 1}, extra=True) == pytest.approx(run({}, extra=False))
+    assert run({}, extra=True) != pytest.approx(run({}, extra=False))
+    with pytest.raises(ConfigError, match="last_parameters"):
+        build_balancer(_config("gradnorm", last_parameters=-1), TASKS)

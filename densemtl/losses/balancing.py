@@ -251,14 +251,21 @@ class GradNormBalancer(Balancer):
     detached, so ``L_grad`` moves only the weights, never the network) and
     ``target_t = mean(G) r_t^alpha`` (detached), ``r_t = (L_t/L_t(0)) / mean(L/L(0))``.
     The weights are renormalised to sum to the number of tasks at the start of each call, i.e.
-    after every optimizer step. ``shared_parameters`` (the last shared layer) is required.
+    after every optimizer step. ``shared_parameters`` is required; the engine gives the whole backbone,
+    which costs one extra backward through it per task and step: ``last_parameters: N`` keeps only the
+    last N tensors of that list (the paper uses the last shared layer; 0 = all).
     """
 
     name = "gradnorm"
 
-    def __init__(self, task_names: list[str], base_weights: dict[str, float], *, alpha: float = 1.5) -> None:
+    def __init__(
+        self, task_names: list[str], base_weights: dict[str, float], *, alpha: float = 1.5, last_parameters: int = 0
+    ) -> None:
         super().__init__(task_names, base_weights)
+        if last_parameters < 0:
+            raise ConfigError(f"loss.balancer_args.last_parameters: must be 0 (all) or positive, got {last_parameters}")
         self.alpha = alpha
+        self.last_parameters = last_parameters
         n = len(self.task_names)
         self.task_weights = nn.Parameter(torch.ones(n))
         self.register_buffer("initial_losses", torch.zeros(n))
@@ -269,6 +276,8 @@ class GradNormBalancer(Balancer):
     ) -> tuple[Tensor, dict[str, float]]:
         if not shared_parameters:
             raise ConfigError("loss.balancer: 'gradnorm' needs the shared parameters; the model gave none")
+        if self.last_parameters:
+            shared_parameters = shared_parameters[-self.last_parameters :]
         stacked = self._stack(losses)
         terms = self.base.to(stacked.device) * stacked
         with torch.no_grad():
