@@ -13,11 +13,12 @@ FlopCounterMode; for (c)/(d) the encoder's products actually executed); time is 
 of one-image inference on this CPU (``torch.get_num_threads()`` threads).
 
     python benchmarks/sharing.py                                   # quick (40 steps per model)
-    python benchmarks/sharing.py --steps 300 --doc docs/results/sharing.md
+    python benchmarks/sharing.py --steps 300 --video 0.15:2 0.5:2 0.15:4 --doc docs/results/sharing.md
 
-JSON to ``--out`` (default runs/bench/sharing.json); ``--doc`` also writes the Markdown table. Trained
-models are kept next to it (``<out without .json>/<tasks>_steps<N>/``) and reused by a later run with the
-same tasks and steps (delete the folder after changing the config).
+JSON to ``--out`` (default runs/bench/sharing.json); ``--doc`` also writes the Markdown tables (between
+markers, keeping the rest of the document). Trained models are kept next to it
+(``<out without .json>/<tasks>_steps<N>/``) and reused by a later run with the same tasks and steps
+(delete the folder after changing the config).
 """
 
 from __future__ import annotations
@@ -281,8 +282,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = markdown(report, tasks)
     print(text)
     if args.doc:
-        Path(args.doc).write_text(text)
+        write_doc(Path(args.doc), text)
     return report
+
+
+BEGIN, END = "<!-- sharing-benchmark:begin -->", "<!-- sharing-benchmark:end -->"
+
+
+def write_doc(path: Path, text: str) -> None:
+    """Put ``text`` between the benchmark markers of ``path`` (the rest of the document is kept)."""
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        path.write_text(f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
+    else:
+        path.write_text(f"{old}{BEGIN}\n{text}{END}\n")
 
 
 def markdown(report: dict[str, Any], tasks: dict[str, Task]) -> str:
