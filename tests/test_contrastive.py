@@ -320,3 +320,19 @@ def test_bench_counts_are_the_same_with_and_without_the_regularizer(tmp_path: Pa
     ]
     assert figures[0]["parameters"] == figures[1]["parameters"]
     assert figures[0]["gflops"] == figures[1]["gflops"]
+
+
+@pytest.mark.parametrize("arch", ["multitask", "mtcp"])
+def test_gradients_reach_the_network_of_each_architecture(tmp_path: Path, arch: str) -> None:
+    config = tiny_config(tmp_path, f"model.arch={arch}", "mtcp.attention_size=4")
+    info = DatasetInfo("synthetic", tuple(config.data.tasks), num_classes={"semseg": 4})
+    tasks = build_tasks(config.data.tasks, info)
+    torch.manual_seed(0)
+    model = build_model(config, info, tasks)
+    reg = ContrastiveRegularizer(config.contrastive, tasks, model.feature_channels)
+    output = model(torch.randn(2, 3, H, W))
+    batch = {name: value for name, value in toy_batch().items() if name in tasks}
+    reg(output["features"], batch).backward()
+    for name in tasks:  # every task's own decoder receives a gradient from the regularizer
+        owned = [p.grad for key, p in model.named_parameters() if f".{name}." in f".{key}"]
+        assert owned and any(grad is not None and grad.abs().sum() > 0 for grad in owned)
