@@ -31,3 +31,22 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, needle):
     assert code == 2
     assert needle in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_overrides_may_follow_options(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_training(config, resume):
+        seen.update(lr=config.train.lr, out=config.out_dir, resume=resume)
+
+    monkeypatch.setattr("densemtl.engine.train.run_training", fake_training)
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  steps: 1\n")
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "train.lr=0.25", "--resume"]) == 0
+    assert seen == {"lr": 0.25, "out": str(tmp_path / "run"), "resume": True}
+
+
+def test_unknown_option_is_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "c.yaml", "--fast"])
+    assert info.value.code == 2 and "--fast" in capsys.readouterr().err

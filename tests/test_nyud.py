@@ -185,3 +185,10 @@ def test_corrupt_file_in_a_loader_worker_names_the_file(tmp_path: Path) -> None:
     loader = torch.utils.data.DataLoader(_dataset(tmp_path), batch_size=2, num_workers=1)
     with pytest.raises(DataError, match=r"normals/val_001\.png"):
         next(iter(loader))
+
+
+def test_iteration_stops_at_the_end(folders: dict) -> None:
+    dataset = _dataset(folders[NYUD_LAYOUTS[0]][0])
+    assert len(list(iter(dataset))) == len(dataset)
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]

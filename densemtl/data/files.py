@@ -231,6 +231,8 @@ class FolderDataset(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self.names) <= index < len(self.names):
+            raise IndexError(f"sample {index} out of range for {len(self.names)} samples")
         for attempt in range(len(self.names)):
             current = (index + attempt) % len(self.names)
             try:

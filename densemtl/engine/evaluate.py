@@ -31,7 +31,7 @@ from densemtl.config import (
     read_yaml,
     to_dict,
 )
-from densemtl.config import _merge as merge_config
+from densemtl.config import merge_dicts
 from densemtl.data.base import DatasetInfo, collate
 from densemtl.data.transforms import pad_to
 from densemtl.engine import distributed
@@ -146,7 +146,7 @@ def _checkpoint_config(state: dict[str, Any], data_config: str | Path | None, ov
         data["data"] = read_yaml(data_config).get("data", {})
         source += f" + data of {data_config}"
     if overrides:
-        data = merge_config(data, parse_overrides(overrides))
+        data = merge_dicts(data, parse_overrides(overrides))
         source += " + overrides"
     return from_dict(data, source)
 
