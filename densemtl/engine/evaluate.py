@@ -27,11 +27,11 @@ from densemtl.config import (
     EvalConfig,
     SyntheticConfig,
     from_dict,
+    merge_dicts,
     parse_overrides,
     read_yaml,
     to_dict,
 )
-from densemtl.config import merge_dicts
 from densemtl.data.base import DatasetInfo, collate
 from densemtl.data.transforms import pad_to
 from densemtl.engine import distributed

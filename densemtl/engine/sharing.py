@@ -24,6 +24,7 @@ from densemtl.engine.train import (
     Trainer,
     build_evaluator,
     format_results,
+    prepare_run,
     seed_everything,
     write_results,
 )
@@ -37,25 +38,16 @@ def phase_dir(run_dir: Path, phase: int) -> Path:
 
 def run_sharing_pipeline(config: Config, resume: bool = False) -> Results:
     """Train the four phases in order (skipping those already finished when resuming); returns the results."""
-    from densemtl.data import build_dataset
     from densemtl.models import build_model
-    from densemtl.tasks import build_tasks
 
     steps = config.sharing.phase_steps
     if len(steps) != len(PHASES) or min(steps) < 0:
         raise ConfigError(f"key 'sharing.phase_steps': expected {len(PHASES)} step counts >= 0 ({', '.join(PHASES)})")
-    dist_info, device = distributed.setup(config.train.device)
+    setup = prepare_run(config)
+    dist_info, device, train_set, val_set = setup.dist_info, setup.device, setup.train_set, setup.val_set
+    info, tasks = setup.info, setup.tasks
     try:
-        seed_everything(config.train.seed)
         run_dir = Path(config.out_dir)
-        if not dist_info.is_main:
-            distributed.barrier()
-        train_set = build_dataset(config.data, config.data.train_split, train=True)
-        val_set = build_dataset(config.data, config.data.val_split, train=False)
-        if dist_info.is_main:
-            distributed.barrier()
-        info = train_set.info
-        tasks = build_tasks(config.data.tasks, info, config.loss.normals_loss)
         model = build_model(config, info, tasks)
         if not isinstance(model, SharingModel):
             raise ConfigError("key 'model.arch': the sharing pipeline needs arch 'sharing'")
@@ -76,7 +68,7 @@ def run_sharing_pipeline(config: Config, resume: bool = False) -> Results:
             phase_tasks = {name: tasks[name] for name in model.trained_tasks()}
             objective = build_objective(
                 config, phase_tasks, {n: model.feature_channels[n] for n in phase_tasks},
-                max(len(train_set) // (config.data.batch_size * config.train.accumulate * dist_info.world_size), 1),
+                setup.steps_per_epoch(config),
             )
             seed_everything(config.train.seed + 1000 * phase + dist_info.rank)
             trainer = Trainer(
