@@ -123,11 +123,19 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     The EMA weights are the ones training validated, so they are the ones to predict with.
     """
     from densemtl.config import from_dict
-    from densemtl.models import build_model
-    from densemtl.tasks import build_tasks
 
     state = load_checkpoint(path)
     config = from_dict(state["config"], source=f"{path} (saved config)")
+    return model_from_state(state, config, path, device)
+
+
+def model_from_state(
+    state: dict[str, Any], config: Config, path: str | Path, device: torch.device | str = "cpu"
+) -> LoadedModel:
+    """Build ``config``'s model and load a loaded checkpoint's weights into it (EMA weights when present)."""
+    from densemtl.models import build_model
+    from densemtl.tasks import build_tasks
+
     info = info_from_dict(state["info"])
     tasks = build_tasks(config.data.tasks, info, config.loss.normals_loss)
     model = build_model(config, info, tasks)
@@ -135,5 +143,5 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise UserError(f"{path}: weights do not fit the saved config's model ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path}: weights do not fit the config's model ({str(err).splitlines()[0]})") from None
     return LoadedModel(model.to(device).eval(), tasks, config, info, int(state.get("step", 0)))

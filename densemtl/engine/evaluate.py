@@ -162,8 +162,7 @@ def evaluate_checkpoint(
 ) -> Results:
     """Evaluate a trained checkpoint (its EMA weights when it has them) on ``split``; prints a table."""
     from densemtl.data import build_dataset
-    from densemtl.engine.checkpoint import info_from_dict, load_checkpoint
-    from densemtl.models import build_model
+    from densemtl.engine.checkpoint import load_checkpoint, model_from_state
 
     state = load_checkpoint(checkpoint)
     config = _checkpoint_config(state, data_config, overrides)
@@ -171,17 +170,8 @@ def evaluate_checkpoint(
         config.eval = replace(config.eval, boundary_matcher=matcher)
     dist_info, device = distributed.setup(config.train.device)
     dataset = build_dataset(config.data, split, train=False)
-    info = info_from_dict(state["info"]) if state.get("info") else dataset.info
-    tasks = build_tasks(config.data.tasks, info, config.loss.normals_loss)
-    model = build_model(config, info, tasks)
-    ema = state.get("ema")
-    weights = ema["model"] if isinstance(ema, dict) and "model" in ema else state["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        first_line = str(err).splitlines()[0]
-        raise UserError(f"{checkpoint}: weights do not fit the model of its config ({first_line})") from None
-    model.to(device).eval()
+    loaded = model_from_state(state, config, checkpoint, device)
+    model, tasks, info = loaded.model, loaded.tasks, loaded.info
     metrics = build_metrics(tasks, info, config.eval)
     run_metrics(model, dataset, tasks, metrics, config, device)
     results = compute_all(metrics)
