@@ -69,6 +69,8 @@ def test_bounded_attention_pools_keys_only():
     assert CrossTaskFusion(8, 1, None).key_grid(120, 160) == (120, 160)
     # with a grid at least as large as the map, bounded and full attention coincide
     full, bounded = CrossTaskFusion(8, 1, None), CrossTaskFusion(8, 1, 16)
+    with torch.no_grad():
+        full.gamma.fill_(1.0)  # starts at 0, which would hide the attention branch
     bounded.load_state_dict(full.state_dict())
     full.eval(), bounded.eval()
     other = torch.randn_like(x)

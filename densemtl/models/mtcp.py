@@ -86,7 +86,7 @@ class ChannelSpatialAttention(nn.Module):
 
 
 class CrossTaskFusion(nn.Module):
-    """CFM for one task: ``F_t = main + W(A g(main)) + aux``.
+    """CFM for one task: ``F_t = main + gamma W(A g(main)) + aux`` (``gamma`` learnable, starts at 0).
 
     ``main`` is ``X_t`` after channel and spatial attention; ``aux`` merges the other tasks' ``X_s``,
     each gated elementwise by ``sigmoid(1x1 conv(X_s))``. ``A = softmax(theta(main)^T phi(aux) / sqrt(d))``
@@ -110,7 +110,11 @@ class CrossTaskFusion(nn.Module):
         self.theta = nn.Conv2d(channels, inner, 1)
         self.phi = nn.Conv2d(channels, inner, 1)
         self.value = nn.Conv2d(channels, inner, 1)
-        self.out = nn.Sequential(nn.Conv2d(inner, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        self.out = nn.Conv2d(inner, channels, 1)
+        # a learnable scale from zero (as in DANet) instead of a BatchNorm: the attention output is
+        # nearly constant over positions, so a BatchNorm's running variance collapses (~1e-3) and
+        # amplifies any train/eval difference by orders of magnitude at evaluation
+        self.gamma = nn.Parameter(torch.zeros(1))
 
     def key_grid(self, height: int, width: int) -> tuple[int, int]:
         """The grid the keys and values are pooled to for a ``height`` x ``width`` map."""
@@ -133,7 +137,7 @@ class CrossTaskFusion(nn.Module):
         key = self.phi(self._pool(aux if aux is not None else main)).flatten(2).transpose(1, 2)[:, None]
         value = self.value(self._pool(main)).flatten(2).transpose(1, 2)[:, None]
         attended = F.scaled_dot_product_attention(query, key, value)[:, 0]
-        attended = self.out(attended.transpose(1, 2).reshape(b, -1, h, w))
+        attended = self.gamma * self.out(attended.transpose(1, 2).reshape(b, -1, h, w))
         fused = main + attended
         return fused + aux if aux is not None else fused
 
