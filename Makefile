@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # CPU wheel available on this machine; GPU users may set TORCH_SPEC="torch" (or a CUDA build) instead.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test lint bench install clean
 
@@ -12,18 +13,23 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e .
 	touch $(STAMP)
+
+# the test extras, and pyEdgeEval (built from source) so the BSDS-matcher tests run too
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[test,bsds]"
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/densemtl train configs/synthetic.yaml --out runs/demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m pytest tests
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check densemtl tests benchmarks
 
 bench: $(STAMP)

@@ -84,7 +84,9 @@ def test_evaluate_model_crops_padded_batches_back() -> None:
             raw = model(sample["image"][None])["pred"]
             for name, metric in expected.items():
                 metric.update(tasks[name].predict(raw[name]), sample[name][None])
-    assert results == {name: metric.compute() for name, metric in expected.items()}
+    # equal up to float summation order (which varies with the thread count)
+    for name, metric in expected.items():
+        assert results[name] == pytest.approx(metric.compute(), rel=1e-7), name
     assert "edge" not in evaluate_model(model, dataset, tasks, config, include_boundary=False)
 
 
@@ -113,7 +115,7 @@ def test_evaluate_model_shards_the_split_over_two_processes(tmp_path: Path) -> N
     reduced = json.loads(out_file.read_text())
     assert reduced.pop("pixels") == sum(sample["semseg"].numel() for sample in dataset.samples)
     for name in single:
-        assert reduced[name] == pytest.approx(single[name], rel=1e-9), name
+        assert reduced[name] == pytest.approx(single[name], rel=1e-7), name
 
 
 def _save_predictions(pred_dir: Path, tasks: dict, frames: dict[str, dict[str, np.ndarray]]) -> None:
