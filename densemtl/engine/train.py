@@ -183,6 +183,7 @@ class Trainer:
         self.model = model.to(device)
         self.objective = objective.to(device)
         trainable = list(parameters) if parameters is not None else list(model.parameters())
+        self._model_params = trainable
         own = {id(p) for p in trainable}
         self._objective_params = [p for p in objective.parameters() if p.requires_grad and id(p) not in own]
         self.optimizer = torch.optim.AdamW(
@@ -308,10 +309,13 @@ class Trainer:
             for key, value in figures.items():
                 sums[key] = sums.get(key, 0.0) + value.detach() / accumulate
         self._sync_objective_grads()
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.train_cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.train_cfg.grad_clip).detach()
+            # the network and the objective's own parameters (balancer weights, projectors) are clipped
+            # apart, so large balancer gradients (GradNorm) never shrink the network's step
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._model_params, self.train_cfg.grad_clip).detach()
+            if self._objective_params:
+                torch.nn.utils.clip_grad_norm_(self._objective_params, self.train_cfg.grad_clip)
         sums["lr"] = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()

@@ -8,6 +8,7 @@ is how :mod:`densemtl.engine.bench` attributes parameters and FLOPs to tasks.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,9 +41,13 @@ class MultiTaskModel(nn.Module):
     def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         size = (image.shape[-2], image.shape[-1])
         shared = self.neck(self.backbone(image))
+        # the shared map covers the image padded to a multiple of 32: crop features to the image's extent
+        stride = self.backbone.strides[0]
+        crop_h, crop_w = math.ceil(size[0] / stride), math.ceil(size[1] / stride)
         pred, features = {}, {}
         for name, head in self.heads.items():
-            pred[name], features[name] = head(shared, size)
+            pred[name], feature = head(shared, size)
+            features[name] = feature[..., :crop_h, :crop_w]
         return {"pred": pred, "features": features}
 
 
