@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from densemtl.jsonio import write_json
 from densemtl.metrics.boundary import BoundaryMetric, threshold_levels
 from densemtl.metrics.boundary_match import bsds_counts, exact_counts
 from densemtl.metrics.edge_nms import edge_nms, quantize, thinned_levels
@@ -148,10 +147,7 @@ def main() -> None:
         }
     elif args.compare_images > 0:
         print("pyEdgeEval not installed (pip install 'densemtl[bsds]'): no bsds figures")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"written {out}")
+    print(f"wrote {write_json(report, args.out)}")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,8 @@ in the synthetic dataset's format, so nothing has to be generated or read from d
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +18,7 @@ from tqdm import tqdm
 
 from densemtl.config import load_config
 from densemtl.data.base import DatasetInfo
+from densemtl.jsonio import write_json
 from densemtl.losses.contrastive import ContrastiveRegularizer
 from densemtl.models import build_model
 from densemtl.tasks import build_tasks
@@ -104,10 +103,7 @@ def main() -> None:
     results["overhead"] = results["step_ms_with"] / results["step_ms_without"] - 1
     for key, value in results.items():
         print(f"{key:20s} {value:.4g}" if isinstance(value, float) else f"{key:20s} {value}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(results, args.out)}")
 
 
 if __name__ == "__main__":

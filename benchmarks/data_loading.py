@@ -11,7 +11,6 @@ joint transforms with the recipe's crop). One process, no DataLoader workers. Us
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fixture writ
 from densemtl.config import DataConfig  # noqa: E402
 from densemtl.data.nyud import NYUDDataset  # noqa: E402
 from densemtl.data.pascal import PascalContextDataset  # noqa: E402
+from densemtl.jsonio import write_json
 from tests.dataset_fixtures import write_nyud, write_pascal  # noqa: E402
 
 CASES = {  # name: (dataset class, writer, size, tasks, crop)
@@ -68,10 +68,7 @@ def main() -> None:
             }
             print(f"{name:18s} decode {results[name]['decode_ms']:7.1f} ms   "
                   f"train sample {results[name]['train_sample_ms']:7.1f} ms")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(results, args.out)}")
 
 
 if __name__ == "__main__":

@@ -9,16 +9,15 @@ machine is shared) and writes them as JSON. The goal is >= 100 frames/s at 96 x 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from densemtl.config import SyntheticConfig
 from densemtl.data.synthetic import render_clip, render_frame
+from densemtl.jsonio import write_json
 
 
 def measure(render: Callable[[int], int], count: int) -> dict[str, float]:
@@ -52,10 +51,7 @@ def main() -> None:
         row = results[kind]
         print(f"{kind:6s} {args.height}x{args.width}: {row['frames']} frames, {row['fps_wall']:.1f} frames/s "
               f"(wall), {row['fps_cpu']:.1f} frames/s (CPU time of this process)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(results, args.out)}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Latency: one image at the native size, ``eval`` mode, no gradients, median over 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -24,6 +23,7 @@ from densemtl.data import build_dataset
 from densemtl.engine.distributed import DistInfo
 from densemtl.engine.objective import build_objective
 from densemtl.engine.train import Trainer
+from densemtl.jsonio import write_json
 from densemtl.models import build_model
 from densemtl.tasks import build_tasks
 
@@ -89,10 +89,7 @@ def main() -> None:
             print(f"{name:<12} {result['parameters_M']:6.2f}M params  train {result['train_images_per_s']:7.1f} img/s "
                   f"({result['train_step_ms']:.0f} ms/step, data wait {result['data_wait_share']:.1%})  "
                   f"latency {result['latency_ms']:.1f} ms at {result['image_size'][0]}x{result['image_size'][1]}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2))
-    print(f"written: {out}")
+    print(f"wrote {write_json(figures, args.out)}")
 
 
 if __name__ == "__main__":

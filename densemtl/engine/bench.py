@@ -12,7 +12,6 @@ counted by :class:`torch.utils.flop_counter.FlopCounterMode` on one image at the
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Iterable
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from densemtl.data.base import DatasetInfo
 from densemtl.engine.distributed import env_info, resolve_device
 from densemtl.errors import UserError
+from densemtl.jsonio import write_json
 from densemtl.models import build_model
 from densemtl.tasks import build_tasks
 
@@ -155,9 +155,7 @@ def run_bench(config: Config, out: Path | None, repeats: int) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
     }
     print(format_table(result))
-    out = out if out is not None else Path(config.out_dir) / "bench.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(result, out if out is not None else Path(config.out_dir) / "bench.json")
     return result
 
 

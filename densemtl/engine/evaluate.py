@@ -9,7 +9,6 @@ the result-file format :func:`densemtl.metrics.delta_m.load_results` reads.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from densemtl.data.base import DatasetInfo, collate
 from densemtl.data.transforms import pad_to
 from densemtl.engine import distributed
 from densemtl.errors import DataError, UserError
+from densemtl.jsonio import write_json
 from densemtl.tasks import TASKS, ClassMapTask, Task, build_tasks
 
 Results = dict[str, dict[str, float]]
@@ -210,10 +210,7 @@ def report(
         },
         "evaluation": {**source, "eval": to_dict(eval_config)},
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"figures written to {out}")
+    print(f"figures written to {write_json(payload, out)}")
 
 
 def _check_prediction(task: Task, path: Path, pred: torch.Tensor, target: torch.Tensor) -> str | None:
