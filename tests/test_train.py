@@ -238,3 +238,15 @@ def test_run_training_validates_keeps_best_and_writes_results(
         row = next(line for line in table.splitlines() if line.startswith(name))
         primary = {"semseg": "mIoU", "depth": "rmse", "normals": "mean", "edge": "odsF"}[name]
         assert row.split()[1].startswith(f"{primary}=")
+
+
+def test_network_and_objective_gradients_are_clipped_apart(tmp_path: Path) -> None:
+    """Learnable balancer weights must not shrink the network's step: each side is clipped on its own."""
+    clip = 1e-3
+    trainer = make_trainer(tiny_config(tmp_path, "loss.balancer=uncertainty", f"train.grad_clip={clip}"))
+    trainer.train_step()
+    network = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()
+                                                    if p.grad is not None]))
+    balancer = [p.grad for p in trainer.objective.parameters() if p.grad is not None]
+    assert balancer and torch.linalg.vector_norm(torch.stack([g.norm() for g in balancer])) > 0
+    assert network.item() == pytest.approx(clip, rel=1e-3)
