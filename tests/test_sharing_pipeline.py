@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -53,3 +54,38 @@ def test_pipeline_runs_phases_in_order_and_resumes(tmp_path: Path, capsys) -> No
     for key, value in before.items():  # the base model is frozen after phase 0
         if key.startswith("encoder."):
             assert torch.equal(resumed[key], value), key
+
+
+def test_evaluate_checkpoint_scores_token_skipping_inference(tmp_path: Path, capsys) -> None:
+    from densemtl.data import build_dataset
+    from densemtl.engine.evaluate import evaluate_checkpoint, evaluate_model
+
+    config = load_config(
+        None,
+        TINY + [
+            f"out_dir={tmp_path / 'run'}", f"data.synthetic.cache_dir={tmp_path / 'cache'}",
+            "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.num_test=2",
+            "data.batch_size=4", "data.eval_batch_size=2", "sharing.phase_steps=[3,3,2,2]",
+            "train.eval_every=100", "train.checkpoint_every=100", "train.warmup_steps=0",
+            "train.device=cpu", "eval.boundary_thresholds=5",
+        ],
+    )
+    run_training(config)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
+    loaded = load_model(checkpoint)
+    dense = evaluate_model(loaded.model, build_dataset(config.data, "val", train=False), loaded.tasks, config,
+                           include_boundary=True)
+    results, gflops = {}, {}
+    for tau in (0.0, 1e9):
+        capsys.readouterr()
+        results[tau] = evaluate_checkpoint(checkpoint, overrides=[f"sharing.threshold={tau}"], out=tmp_path / "e.json")
+        assert f"computation sharing at threshold {tau}" in capsys.readouterr().out
+        gflops[tau] = json.loads((tmp_path / "e.json").read_text())["evaluation"]["sharing"]["gflops_per_image"]
+    for task, values in dense.items():  # tau 0 is the dense network, up to float rounding
+        for key, value in values.items():
+            assert abs(results[0.0][task][key] - value) <= 1e-3 * max(1.0, abs(value)), (task, key)
+    # an infinite threshold copies the base's encoder activations: fewer FLOPs, other sub-task outputs
+    base = config.sharing.base_task
+    assert gflops[1e9] < gflops[0.0]
+    assert results[1e9][base] == results[0.0][base]
+    assert any(results[1e9][task] != results[0.0][task] for task in dense if task != base)

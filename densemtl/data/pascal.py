@@ -23,6 +23,8 @@ Normals were distilled from a NYUD-trained network, so the field keeps them only
 classes that NYUD also labels: the ``LabelMap`` ids in :data:`NORMALS_VALID_CONTEXT_IDS`, the classes
 whose name appears in both the 459-class PASCAL-Context list and the NYUD-v2 class list (without
 "unknown"), plus ``tvmonitor`` (427). Pixels of other classes, and all-zero PNG pixels, are invalid.
+The 170 ids equal those the reference loaders derive from their ``nyu_classes.json`` (894 NYUD
+names) and ``context_classes.json`` (459 PASCAL-Context names), checked name by name.
 """
 
 from __future__ import annotations

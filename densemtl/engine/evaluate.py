@@ -160,9 +160,14 @@ def evaluate_checkpoint(
     out: Path | None = None,
     per_class: bool = False,
 ) -> Results:
-    """Evaluate a trained checkpoint (its EMA weights when it has them) on ``split``; prints a table."""
+    """Evaluate a trained checkpoint (its EMA weights when it has them) on ``split``; prints a table.
+
+    A computation-sharing model is scored as it is deployed: sub-tasks by token-skipping inference at
+    ``sharing.threshold`` (``sharing.threshold=0`` in ``overrides`` gives the dense sub-task networks).
+    """
     from densemtl.data import build_dataset
     from densemtl.engine.checkpoint import load_checkpoint, model_from_state
+    from densemtl.models.sharing import SharedInference, SharingModel
 
     state = load_checkpoint(checkpoint)
     config = _checkpoint_config(state, data_config, overrides)
@@ -172,11 +177,24 @@ def evaluate_checkpoint(
     dataset = build_dataset(config.data, split, train=False)
     loaded = model_from_state(state, config, checkpoint, device)
     model, tasks, info = loaded.model, loaded.tasks, loaded.info
+    source: dict[str, Any] = {"checkpoint": str(checkpoint), "split": split}
+    if isinstance(model, SharingModel):
+        model = SharedInference(model, config.sharing.threshold)
     metrics = build_metrics(tasks, info, config.eval)
     run_metrics(model, dataset, tasks, metrics, config, device)
     results = compute_all(metrics)
+    if isinstance(model, SharedInference):
+        source["sharing"] = {
+            "threshold": config.sharing.threshold,
+            "gflops_per_image": model.flops_run / max(model.images_run, 1) / 1e9,
+        }
     if dist_info.is_main:
-        report(results, metrics, tasks, config.eval, out, per_class, {"checkpoint": str(checkpoint), "split": split})
+        if "sharing" in source:
+            print(
+                f"computation sharing at threshold {config.sharing.threshold}: "
+                f"{source['sharing']['gflops_per_image']:.3f} GFLOPs per image (all tasks)"
+            )
+        report(results, metrics, tasks, config.eval, out, per_class, source)
     return results
 
 

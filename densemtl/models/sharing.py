@@ -437,6 +437,8 @@ class SharedInference:
         )
         self.task_layers = model.sharing.video_task_layers if video_task_layers is None else video_task_layers
         self._decoder_flops: dict[tuple, int] = {}
+        self.images_run = 0
+        self.flops_run = 0
         with torch.no_grad():
             base = {name: (w.detach(), b.detach()) for name, (w, b) in self.encoder.weights().items()}
             self.weights: dict[str, Weights] = {model.base_task: base}
@@ -523,6 +525,14 @@ class SharedInference:
             traces[task] = executor.trace
             recomputed[task] = self._share(executor)
         return FrameResult({t: pred[t] for t in self.model.tasks}, traces, flops, recomputed)
+
+    def __call__(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"pred": raw outputs}`` of a batch of still images, as a model returns them, so evaluation can
+        score the deployed token-skipping inference; ``images_run`` and ``flops_run`` count what it cost."""
+        result = self.run(image, for_video=False)
+        self.images_run += image.shape[0]
+        self.flops_run += sum(result.flops.values())
+        return {"pred": result.pred}
 
     @staticmethod
     def _share(executor: DenseExecutor | ReuseExecutor) -> float:
