@@ -236,7 +236,7 @@ class FolderDataset(Dataset):
         for attempt in range(len(self.names)):
             current = (index + attempt) % len(self.names)
             try:
-                return self.transform(self.load_raw(current))
+                return self.transform(self.load_raw(current), current)
             except DataError as err:
                 if self.on_bad_sample == "error":
                     raise

@@ -702,7 +702,7 @@ class SyntheticDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = _frame_targets(self.arrays, index, self.tasks)
         sample["meta"] = {"name": f"{self.split}_{index:05d}"}
-        return self.transform(sample)
+        return self.transform(sample, index)
 
 
 class SyntheticClips(Dataset):

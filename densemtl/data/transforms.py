@@ -17,6 +17,10 @@ Resampling keeps labels exact: nearest neighbour for label maps, normals, edge a
 the image; a validity-aware bilinear for depth (only valid depths are averaged; 0 stays "invalid").
 Scaling the image is a zoom, so camera-frame normals and metric depth keep their values; a horizontal
 flip negates the normals' x component (the camera frame has x to the right of the image).
+
+Once the trainer has called :meth:`JointTransform.set_epoch`, a sample's augmentation is a function of
+``(seed, epoch, sample index)`` alone: the same whatever the number of data workers or processes, and
+the same after a resume in the middle of an epoch.
 """
 
 from __future__ import annotations
@@ -156,7 +160,8 @@ class JointTransform:
     """Random scale, crop and horizontal flip, the same for the image and every target.
 
     ``crop_size`` None crops back to the native size after scaling, so a batch keeps one size.
-    Random numbers come from torch (seeded per DataLoader worker) or the ``generator`` passed in.
+    Random numbers come from a generator seeded by ``(seed, epoch, index)`` after :meth:`set_epoch`,
+    else from torch's global generator.
     """
 
     def __init__(
@@ -172,11 +177,20 @@ class JointTransform:
         self.flip = flip
         self.fills = _fill_values(tasks_fill)
         self.train = train
+        self.epoch_seed: tuple[int, int] | None = None
 
-    def __call__(self, sample: Mapping[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """Draw each sample's augmentation from ``(seed, epoch, index)`` from now on."""
+        self.epoch_seed = (seed, epoch)
+
+    def __call__(self, sample: Mapping[str, Any], index: int | None = None) -> dict[str, Any]:
         tensors = to_tensor_sample(sample)
         if not self.train:
             return tensors
+        generator = None
+        if self.epoch_seed is not None and index is not None:
+            state = np.random.SeedSequence([*self.epoch_seed, index]).generate_state(1, dtype=np.uint64)
+            generator = torch.Generator().manual_seed(int(state[0]))
         return self.augment(tensors, generator)
 
     def augment(self, sample: Mapping[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from densemtl.config import Config, to_dict
 from densemtl.data.base import DatasetInfo, collate
-from densemtl.data.transforms import denormalize_image
+from densemtl.data.transforms import JointTransform, denormalize_image
 from densemtl.engine import distributed
 from densemtl.engine.checkpoint import capture_rng, info_to_dict, load_checkpoint, restore_rng, save_checkpoint
 from densemtl.engine.objective import Objective, build_objective, shared_parameters
@@ -258,6 +258,9 @@ class Trainer:
             if self._iterator is None:
                 self.sampler.set_position(self.epoch, self.batch_index * self.config.data.batch_size)
                 self.loader_generator.manual_seed(self.train_cfg.seed * 100003 + self.epoch)
+                transform = getattr(self.loader.dataset, "transform", None)
+                if isinstance(transform, JointTransform):  # workers get a copy of it at iter()
+                    transform.set_epoch(self.train_cfg.seed, self.epoch)
                 self._iterator = iter(self.loader)
             try:
                 batch = next(self._iterator)
