@@ -10,11 +10,11 @@ all figures to one JSON file. Usage::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from densemtl.config import load_config
 from densemtl.engine.bench import run_bench
+from densemtl.jsonio import write_json
 
 CASES = {
     "default-96x128": [],
@@ -34,7 +34,7 @@ def main() -> None:
     for name, overrides in CASES.items():
         config = load_config(None, [*overrides, f"train.device={args.device}", f"name={name}"])
         results[name] = run_bench(config, out.with_name(f"{out.stem}-{name}.json"), args.repeats)
-    out.write_text(json.dumps(results, indent=2))
+    write_json(results, out)
     print(f"wrote {out}")
 
 

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from densemtl.config import load_config
+from densemtl.jsonio import write_json
 from densemtl.tasks import TASKS
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_mtcp.yaml"
@@ -40,6 +41,9 @@ VARIANTS: dict[str, list[str]] = {
     "mtcp_uncertainty": ["loss.balancer=uncertainty"],
     "mtcp_dwa": ["loss.balancer=dwa", "loss.balancer_args.window=25"],
     "mtcp_gradnorm": ["loss.balancer=gradnorm"],
+    # ablations of LPS: the log projection with constant weights (spread 0), and NYUD's spread
+    "mtcp_log_projection": ["loss.balancer=lps", "loss.balancer_args.window=25", "loss.balancer_args.spread=0"],
+    "mtcp_lps_spread7.5": ["loss.balancer=lps", "loss.balancer_args.window=25", "loss.balancer_args.spread=7.5"],
 }
 
 
@@ -178,8 +182,7 @@ def main() -> None:
         result = compare(args.seeds, args.steps, args.out.parent, args.variants, args.set)
     else:
         result = {"attention": attention_cost(args.sizes, args.attention, args.repeats), "threads": args.threads}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(result, args.out)
     print(f"wrote {args.out}")
 
 

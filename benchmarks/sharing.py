@@ -24,7 +24,6 @@ markers, keeping the rest of the document). Trained models are kept next to it
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ from densemtl.data.synthetic import SyntheticClips
 from densemtl.engine.evaluate import build_metrics, compute_all
 from densemtl.engine.objective import build_objective
 from densemtl.engine.train import Trainer, seed_everything
+from densemtl.jsonio import write_json
 from densemtl.metrics.delta_m import delta_m
 from densemtl.models import build_model
 from densemtl.models.sharing import SharedInference, SharingModel, delta_storage
@@ -277,8 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "tasks": names, "steps": args.steps, "threshold": threshold, "keyframe_interval": interval,
               "threads": torch.get_num_threads(), "storage": storage, "table": table,
               "timing": timing, "timing_images": args.timing_images, "repeats": args.repeats}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_json(report, out)
     text = markdown(report, tasks)
     print(text)
     if args.doc:

@@ -138,6 +138,16 @@ def test_lps_clips_to_positive_and_log_projection():
     assert total.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_lps_spread_zero_keeps_unit_weights_and_negative_spread_is_refused():
+    balancer = build_balancer(_config("lps", window=1, spread=0.0), TASKS)
+    for step, scale in enumerate([1.0, 0.5, 0.9, 0.2]):  # losses falling at very different rates
+        losses = {"semseg": torch.tensor(2.0 * scale), "depth": torch.tensor(0.5), "edge": torch.tensor(0.01 / scale)}
+        _, weights = balancer.combine(losses, step)
+        assert weights == pytest.approx(dict.fromkeys(TASKS, 1.0))
+    with pytest.raises(ConfigError, match="spread must be >= 0"):
+        build_balancer(_config("lps", spread=-1.0), TASKS)
+
+
 def test_dwa_formula():
     balancer = build_balancer(_config("dwa", window=1, temperature=2.0), TASKS)
     balancer.base.fill_(1.0)

@@ -10,7 +10,6 @@ as ``out/<task>/<frame>.<ext>`` (:meth:`Task.save`).
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Iterable, Iterator
@@ -24,6 +23,7 @@ from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import load_model
 from densemtl.engine.predict import read_image
 from densemtl.errors import ConfigError, DataError, UserError
+from densemtl.jsonio import write_json
 from densemtl.models.sharing import FrameResult, SharedInference, SharingModel
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -116,7 +116,7 @@ def predict_video(
         "median_seconds_full": statistics.median(r["seconds_full"] for r in records),
         "per_frame": records,
     }
-    (out / "video_report.json").write_text(json.dumps(report, indent=2))
+    write_json(report, out / "video_report.json")
     print(
         f"video: {len(records)} frames, keyframe every {interval}: "
         f"{report['gflops_per_frame']:.3f} GFLOPs/frame vs {report['gflops_per_frame_full']:.3f} in full, "

@@ -191,7 +191,8 @@ class LPSBalancer(WindowedBalancer):
     ``sum w_t p_t``. Per window, with ``P`` the window means of ``p`` and ``P_tot = sum P``:
     first window ``w_t = P_tot / P_t``; afterwards ``w_t = (P_t^e / P_t^{e-1}) / (P_tot^e / P_tot^{e-1})``.
     Then ``w <- mean(w) + spread (w - mean(w))``, clipped to at least ``min_weight * mean(w)`` and
-    normalised to sum to the number of tasks. Weights are 1 during the first window.
+    normalised to sum to the number of tasks. Weights are 1 during the first window; ``spread: 0`` keeps
+    them at 1 throughout (the log projection alone, an ablation of the prioritization).
     """
 
     name = "lps"
@@ -209,9 +210,9 @@ class LPSBalancer(WindowedBalancer):
         super().__init__(task_names, base_weights, window)
         if projection not in ("log", "none"):
             raise ConfigError(f"loss.balancer_args.projection: expected log or none, got {projection!r}")
-        if spread <= 0 or not 0 < min_weight < 1:
+        if spread < 0 or not 0 < min_weight < 1:
             raise ConfigError(
-                f"loss.balancer_args: spread must be positive and min_weight in (0, 1), got {spread}, {min_weight}"
+                f"loss.balancer_args: spread must be >= 0 and min_weight in (0, 1), got {spread}, {min_weight}"
             )
         self.spread = spread
         self.projection = projection
