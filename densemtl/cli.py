@@ -28,21 +28,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     if not (args.predictions or args.checkpoint):
         raise UserError("evaluate needs --checkpoint CKPT or --predictions DIR")
-    if args.predictions and not (args.dataset and args.root):
-        raise UserError("evaluate --predictions needs --dataset and --root")
+    if args.predictions and not args.dataset:
+        raise UserError("evaluate --predictions needs --dataset (and --root for nyud and pascal)")
     from densemtl.engine.evaluate import evaluate_checkpoint, evaluate_predictions
 
     if args.predictions:
+        synthetic = None
+        if args.dataset == "synthetic" and args.data:
+            from densemtl.config import load_config
+
+            synthetic = load_config(args.data, args.overrides).data.synthetic
         evaluate_predictions(
             Path(args.predictions),
             dataset=args.dataset,
-            root=Path(args.root),
+            root=Path(args.root) if args.root else None,
             split=args.split,
             tasks=args.tasks,
             matcher=args.boundary_matcher,
             out=Path(args.out) if args.out else None,
             per_class=args.per_class,
             report_all=args.all_errors,
+            synthetic=synthetic,
         )
     else:
         evaluate_checkpoint(
@@ -109,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="score a checkpoint or saved predictions")
     evaluate.add_argument("--checkpoint", help="checkpoint file written by train")
-    evaluate.add_argument("--data", help="config whose data section to evaluate on (default: the checkpoint's)")
+    evaluate.add_argument(
+        "--data", help="config whose data section to evaluate on (default: the checkpoint's; with --predictions "
+        "--dataset synthetic, the synthetic scenes' settings)"
+    )
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides for --data")
     evaluate.add_argument("--predictions", help="folder of saved predictions, one sub-folder per task")
     evaluate.add_argument("--dataset", choices=["nyud", "pascal", "synthetic"])

@@ -21,12 +21,13 @@ def test_help_lists_every_command(capsys):
         (["train", "{config}", "data.tasks=[sky]"], "sky"),
         (["evaluate"], "--checkpoint"),
         (["evaluate", "--predictions", "somewhere"], "--dataset"),
+        (["evaluate", "--predictions", "{tmp}", "--dataset", "nyud"], "--root"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, needle):
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  steps: 1\n")
-    code = main([arg.format(config=config) for arg in argv])
+    code = main([arg.format(config=config, tmp=tmp_path) for arg in argv])
     err = capsys.readouterr().err
     assert code == 2
     assert needle in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from densemtl.cli import main
 from densemtl.data import build_dataset
 from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import load_model
@@ -52,6 +54,11 @@ def test_predict_then_evaluate_predictions_scores_like_in_memory_evaluation(
     assert from_disk["semseg"] == pytest.approx(in_memory["semseg"], abs=1e-9)  # class ids: lossless
     assert from_disk["depth"] == pytest.approx(in_memory["depth"], rel=1e-5)  # float32 .npy: lossless
     assert from_disk["normals"]["mean"] == pytest.approx(in_memory["normals"]["mean"], abs=0.5)  # 8-bit PNG
+    # the command line takes the synthetic scenes' settings from a config (here the run's own)
+    argv = ["evaluate", "--predictions", str(tmp / "val_pred"), "--dataset", "synthetic", "--tasks", *names,
+            "--data", str(checkpoint.parents[1] / "config.yaml"), "--out", str(tmp / "cli.json")]
+    assert main(argv) == 0
+    assert json.loads((tmp / "cli.json").read_text())["results"] == from_disk
 
 
 def test_predictions_are_written_and_read_back_as_computed(trained: tuple[Path, Path, list[Path]]) -> None:

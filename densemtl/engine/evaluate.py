@@ -283,13 +283,13 @@ def evaluate_predictions(
     """
     from densemtl.data import build_dataset
 
+    if dataset != "synthetic" and root is None:
+        raise UserError(f"dataset '{dataset}' needs --root, the folder holding its ground truth")
     pred_dir = Path(pred_dir)
     names = _prediction_tasks(pred_dir, tasks)
     data_config = DataConfig(dataset=dataset, root=str(root) if root is not None else None, tasks=names)
     if synthetic is not None:
         data_config.synthetic = synthetic
-    if dataset != "synthetic" and root is None:
-        raise UserError(f"dataset '{dataset}' needs --root, the folder holding its ground truth")
     ground_truth = build_dataset(data_config, split, train=False)
     task_objects = build_tasks(names, ground_truth.info)
     eval_config = EvalConfig() if matcher is None else EvalConfig(boundary_matcher=matcher)
