@@ -33,6 +33,7 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check densemtl tests benchmarks
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[plots]"
 	for script in benchmarks/*.py; do $(PY) $$script || exit 1; done
 
 clean:

@@ -12,6 +12,9 @@ metrics and delta_m against the single-task runs of the same seed, and parameter
 interrupted comparison continues where it stopped.
 
     python benchmarks/mtcp.py --compare --seeds 0 1 2 --steps 400 --out runs/mtcp_compare/summary.json
+
+``--plot PNG`` (with ``--compare``; needs ``pip install densemtl[plots]``) draws delta_m per variant and seed,
+and the LPS weights over training of the first seed.
 """
 
 from __future__ import annotations
@@ -164,6 +167,43 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_comparison(summary: dict[str, Any], root: Path, path: Path) -> None:
+    """delta_m of every variant (one dot per seed, a bar at the mean) and the LPS variants' weights."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise SystemExit("--plot needs matplotlib: pip install 'densemtl[plots]'") from err
+    variants = {k: v for k, v in summary["variants"].items() if k != "single"}
+    lps = [label for label in variants if VARIANTS[label][0] == "loss.balancer=lps"]
+    fig, axes = plt.subplots(1, 1 + len(lps), figsize=(5 + 3.2 * len(lps), 3.8), gridspec_kw={"wspace": 0.35})
+    left = axes[0]
+    for x, row in enumerate(variants.values()):
+        values = row["delta_m_per_seed"]
+        left.bar(x, statistics.mean(values), color="#b8c7dc", width=0.7)
+        left.scatter([x] * len(values), values, color="#1f3b63", s=14, zorder=3)
+    left.axhline(0, color="black", linewidth=0.8)
+    left.set_xticks(range(len(variants)), [label.replace("mtcp_", "") for label in variants], rotation=45,
+                    ha="right", fontsize=8)
+    left.set_ylabel("delta_m vs single-task networks (%)")
+    left.set_title(f"{len(summary['seeds'])} seeds, {summary['steps']} steps", fontsize=9)
+    seed = summary["seeds"][0]
+    for axis, label in zip(axes[1:], lps, strict=True):
+        records = [json.loads(line) for line in (root / f"seed{seed}" / label / "log.jsonl").read_text().splitlines()]
+        records = [r for r in records if r["kind"] == "train"]
+        for task in TASKS:
+            if f"weight/{task}" in records[0]:
+                axis.plot([r["step"] for r in records], [r[f"weight/{task}"] for r in records], label=task)
+        axis.set_title(f"{label.replace('mtcp_', '')} weights (seed {seed})", fontsize=9)
+        axis.set_xlabel("step")
+    axes[1].legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench/mtcp.json"))
@@ -176,10 +216,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
+    parser.add_argument("--plot", type=Path, help="with --compare: PNG of delta_m per variant and the LPS weights")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.compare:
         result = compare(args.seeds, args.steps, args.out.parent, args.variants, args.set)
+        if args.plot:
+            plot_comparison(result, args.out.parent, args.plot)
     else:
         result = {"attention": attention_cost(args.sizes, args.attention, args.repeats), "threads": args.threads}
     write_json(result, args.out)
