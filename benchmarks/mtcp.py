@@ -177,8 +177,18 @@ def plot_comparison(summary: dict[str, Any], root: Path, path: Path) -> None:
     except ImportError as err:
         raise SystemExit("--plot needs matplotlib: pip install 'densemtl[plots]'") from err
     variants = {k: v for k, v in summary["variants"].items() if k != "single"}
-    lps = [label for label in variants if VARIANTS[label][0] == "loss.balancer=lps"]
-    fig, axes = plt.subplots(1, 1 + len(lps), figsize=(5 + 3.2 * len(lps), 3.8), gridspec_kw={"wspace": 0.35})
+    seed = summary["seeds"][0]
+    weights: dict[str, list[dict[str, Any]]] = {}  # LPS variants whose weights move (not spread 0)
+    for label in variants:
+        if VARIANTS[label][0] == "loss.balancer=lps":
+            lines = (root / f"seed{seed}" / label / "log.jsonl").read_text().splitlines()
+            records = [r for r in map(json.loads, lines) if r["kind"] == "train"]
+            if any(r[key] != 1.0 for r in records for key in r if key.startswith("weight/")):
+                weights[label] = records
+    fig, axes = plt.subplots(
+        1, 1 + len(weights), figsize=(5 + 3.2 * len(weights), 3.8), gridspec_kw={"wspace": 0.35}, squeeze=False
+    )
+    axes = axes[0]
     left = axes[0]
     for x, row in enumerate(variants.values()):
         values = row["delta_m_per_seed"]
@@ -189,16 +199,14 @@ def plot_comparison(summary: dict[str, Any], root: Path, path: Path) -> None:
                     ha="right", fontsize=8)
     left.set_ylabel("delta_m vs single-task networks (%)")
     left.set_title(f"{len(summary['seeds'])} seeds, {summary['steps']} steps", fontsize=9)
-    seed = summary["seeds"][0]
-    for axis, label in zip(axes[1:], lps, strict=True):
-        records = [json.loads(line) for line in (root / f"seed{seed}" / label / "log.jsonl").read_text().splitlines()]
-        records = [r for r in records if r["kind"] == "train"]
+    for axis, (label, records) in zip(axes[1:], weights.items(), strict=True):
         for task in TASKS:
             if f"weight/{task}" in records[0]:
                 axis.plot([r["step"] for r in records], [r[f"weight/{task}"] for r in records], label=task)
         axis.set_title(f"{label.replace('mtcp_', '')} weights (seed {seed})", fontsize=9)
         axis.set_xlabel("step")
-    axes[1].legend(fontsize=7)
+    if weights:
+        axes[1].legend(fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"wrote {path}")
