@@ -4,8 +4,8 @@ activation sharing, each phase one :class:`densemtl.engine.train.Trainer` run of
 Phase ``i`` trains in ``<out_dir>/phase<i>_<name>/`` (its own ``checkpoints/last.pt``, whose model holds
 the ``phase`` buffer). With ``resume``, finished phases are loaded instead of trained and an interrupted
 phase continues exactly where it stopped. At the end the last phase's checkpoints are copied to
-``<out_dir>/checkpoints/`` (what ``predict``/``evaluate`` take) and every task is validated into
-``<out_dir>/results.json``.
+``<out_dir>/checkpoints/`` (what ``predict``/``evaluate`` take) and every task is validated, by the
+token-skipping inference at ``sharing.threshold`` as deployed, into ``<out_dir>/results.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from densemtl.engine.train import (
     write_results,
 )
 from densemtl.errors import ConfigError
-from densemtl.models.sharing import PHASES, SharingModel
+from densemtl.models.sharing import PHASES, SharedInference, SharingModel
 
 
 def phase_dir(run_dir: Path, phase: int) -> Path:
@@ -81,9 +81,9 @@ def run_sharing_pipeline(config: Config, resume: bool = False) -> Results:
                 print(f"densemtl: phase {phase} ({PHASES[phase]}): {phase_steps} steps on {', '.join(phase_tasks)}")
             trainer.fit(resume=resume and last.exists())
         last_phase = max(i for i, n in enumerate(steps) if n > 0)
-        model = model.to(device).eval()
+        inference = SharedInference(model.to(device), config.sharing.threshold)
         with torch.no_grad():
-            results = build_evaluator(config, val_set, tasks, device)(model)
+            results = build_evaluator(config, val_set, tasks, device)(inference)
         if dist_info.is_main:
             source = phase_dir(run_dir, last_phase) / "checkpoints"
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)

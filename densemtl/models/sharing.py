@@ -412,8 +412,11 @@ class FrameResult:
     recomputed: dict[str, float] = field(default_factory=dict)  # task -> share of linear tokens computed
 
 
-class SharedInference:
+class SharedInference(nn.Module):
     """Token-skipping inference of a trained :class:`SharingModel` (see the module docstring).
+
+    As a module, ``forward(image)`` returns ``{"pred": ...}`` like a model, so evaluation scores the
+    deployed inference; ``images_run`` and ``flops_run`` count what it cost.
 
     ``threshold`` (tau between a sub-task and the base; a float or ``{layer name: tau}``),
     ``temporal_threshold`` (tau between frames), ``video_task_layers`` (sub-task blocks that keep the
@@ -427,6 +430,7 @@ class SharedInference:
         temporal_threshold: float | None = None,
         video_task_layers: int | None = None,
     ) -> None:
+        super().__init__()
         self.model = model.eval()
         self.encoder = model.encoder
         names = self.encoder.linear_names + [f"blocks.{i}.attn" for i in range(len(self.encoder.blocks))]
@@ -439,6 +443,7 @@ class SharedInference:
         self._decoder_flops: dict[tuple, int] = {}
         self.images_run = 0
         self.flops_run = 0
+        self.eval()
         with torch.no_grad():
             base = {name: (w.detach(), b.detach()) for name, (w, b) in self.encoder.weights().items()}
             self.weights: dict[str, Weights] = {model.base_task: base}
@@ -526,9 +531,8 @@ class SharedInference:
             recomputed[task] = self._share(executor)
         return FrameResult({t: pred[t] for t in self.model.tasks}, traces, flops, recomputed)
 
-    def __call__(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        """``{"pred": raw outputs}`` of a batch of still images, as a model returns them, so evaluation can
-        score the deployed token-skipping inference; ``images_run`` and ``flops_run`` count what it cost."""
+    def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"pred": raw outputs}`` of a batch of still images (no trace kept for a next frame)."""
         result = self.run(image, for_video=False)
         self.images_run += image.shape[0]
         self.flops_run += sum(result.flops.values())
