@@ -105,7 +105,7 @@ class ContrastiveConfig:
     """Cross-task contrastive regularization (training only)."""
 
     enabled: bool = False
-    weight: float = 0.5  # tuned on the synthetic scenes (docs/results/contrastive.md)
+    weight: float = 0.5  # no weight helped on the synthetic scenes (docs/results/contrastive.md)
     loss: Literal["triplet", "infonce"] = "infonce"
     margin: float = 0.3
     temperature: float = 0.1
