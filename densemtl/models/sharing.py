@@ -431,7 +431,7 @@ class SharedInference(nn.Module):
         video_task_layers: int | None = None,
     ) -> None:
         super().__init__()
-        self.model = model.eval()
+        self.model = model
         self.encoder = model.encoder
         names = self.encoder.linear_names + [f"blocks.{i}.attn" for i in range(len(self.encoder.blocks))]
         self.names = names
@@ -443,7 +443,7 @@ class SharedInference(nn.Module):
         self._decoder_flops: dict[tuple, int] = {}
         self.images_run = 0
         self.flops_run = 0
-        self.eval()
+        self.eval()  # this module and the wrapped model
         with torch.no_grad():
             base = {name: (w.detach(), b.detach()) for name, (w, b) in self.encoder.weights().items()}
             self.weights: dict[str, Weights] = {model.base_task: base}
