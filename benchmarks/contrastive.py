@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from densemtl.config import load_config
-from densemtl.data.base import DatasetInfo
+from densemtl.dataset_info import DatasetInfo
 from densemtl.jsonio import write_json
 from densemtl.losses.contrastive import ContrastiveRegularizer
 from densemtl.models import build_model

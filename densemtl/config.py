@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from densemtl.errors import ConfigError
+from densemtl.registry import ARCHITECTURES, BALANCERS, DATASETS, TASKS
 
 
 @dataclass
@@ -36,7 +37,7 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["synthetic", "nyud", "pascal"] = "synthetic"
+    dataset: str = "synthetic"  # a row of densemtl.registry.DATASETS
     root: str | None = None
     tasks: list[str] = field(default_factory=lambda: ["semseg", "depth", "normals", "edge"])
     train_split: str = "train"
@@ -53,7 +54,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["multitask", "single", "mtcp", "sharing"] = "multitask"
+    arch: str = "multitask"  # a row of densemtl.registry.ARCHITECTURES
     backbone: str = "resnet-tiny"  # a family or preset of densemtl/models/backbones.py
     backbone_args: dict[str, Any] = field(default_factory=dict)  # passed to the HF config
     pretrained: str | None = None  # hub name or local folder; None = random init, no download
@@ -66,7 +67,7 @@ class ModelConfig:
 class LossConfig:
     weights: dict[str, float] = field(default_factory=dict)  # per task; missing = the task's default
     normals_loss: Literal["l1", "cosine"] = "l1"
-    balancer: str = "fixed"
+    balancer: str = "fixed"  # a row of densemtl.registry.BALANCERS
     balancer_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -317,21 +318,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(config: Config, source: str = "<config>") -> None:
     """Checks on values (beyond types) that would otherwise fail deep inside training."""
-    from densemtl.tasks import TASKS
-
     def fail(key: str, why: str) -> None:
         raise ConfigError(f"{source}: key '{key}': {why}")
 
+    for registry, name in ((DATASETS, config.data.dataset), (ARCHITECTURES, config.model.arch),
+                           (BALANCERS, config.loss.balancer)):
+        registry.check(name, source)
     if not config.data.tasks:
         fail("data.tasks", "at least one task is needed")
     for name in config.data.tasks:
         if name not in TASKS:
-            fail("data.tasks", f"unknown task '{name}' (known: {', '.join(TASKS)})")
+            fail("data.tasks", f"unknown task '{name}' (known: {TASKS.known()})")
     if len(set(config.data.tasks)) != len(config.data.tasks):
         fail("data.tasks", "a task is listed twice")
     for name in config.loss.weights:
         if name not in TASKS:
-            fail(f"loss.weights.{name}", f"unknown task (known: {', '.join(TASKS)})")
+            fail(f"loss.weights.{name}", f"unknown task (known: {TASKS.known()})")
     if config.data.crop_size is not None and (
         len(config.data.crop_size) != 2 or min(config.data.crop_size) <= 0
     ):

@@ -1,6 +1,6 @@
 """Every task in one place: output channels, loss, prediction, metric, on-disk encoding, colours.
 
-Adding a task means adding one :class:`Task` subclass and registering it in :data:`TASKS`.
+Adding a task means adding one :class:`Task` subclass and its row in :data:`densemtl.registry.TASKS`.
 
 Target conventions (per sample; a batch adds a leading dimension):
 
@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from densemtl.constants import IGNORE_INDEX
 from densemtl.errors import DataError
+from densemtl.registry import TASKS
 
 if TYPE_CHECKING:
     from densemtl.config import EvalConfig
-    from densemtl.data.base import DatasetInfo
+    from densemtl.dataset_info import DatasetInfo
 
-IGNORE_INDEX = 255
 
 
 def class_palette(num_classes: int) -> np.ndarray:
@@ -392,11 +393,6 @@ class SaliencyTask(ProbabilityMapTask):
         from densemtl.metrics.saliency import SaliencyMetric
 
         return SaliencyMetric(thresholds=eval_config.saliency_thresholds)
-
-
-TASKS: dict[str, type[Task]] = {
-    task.name: task for task in (SemsegTask, DepthTask, NormalsTask, EdgeTask, SaliencyTask, HumanPartsTask)
-}
 
 
 def build_task(name: str, info: DatasetInfo, normals_loss: str = "l1") -> Task:

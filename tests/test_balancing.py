@@ -208,7 +208,7 @@ def test_balancer_params_in_state_dict():
 @pytest.mark.parametrize("name", ["lps", "dwa", "uncertainty"])
 def test_engine_objective_backpropagates_the_weighted_total(name):
     """Through the engine's Objective (with deep supervision), d total / d pred_t = w_t dL_t / d pred_t."""
-    from densemtl.data.base import DatasetInfo
+    from densemtl.dataset_info import DatasetInfo
     from densemtl.engine.objective import Objective, resize_target
     from densemtl.tasks import build_tasks
 

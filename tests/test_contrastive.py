@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from densemtl.config import Config, ContrastiveConfig, load_config
 from densemtl.data import build_dataset
-from densemtl.data.base import DatasetInfo
+from densemtl.dataset_info import DatasetInfo
 from densemtl.engine.bench import run_bench
 from densemtl.engine.checkpoint import load_checkpoint, load_model
 from densemtl.engine.distributed import DistInfo

@@ -13,7 +13,7 @@ from torch import nn
 
 from densemtl.config import DataConfig, load_config, to_dict
 from densemtl.data import build_dataset
-from densemtl.data.base import DatasetInfo
+from densemtl.dataset_info import DatasetInfo
 from densemtl.engine.checkpoint import info_to_dict, save_checkpoint
 from densemtl.engine.evaluate import (
     build_metrics,

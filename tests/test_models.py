@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from densemtl.config import Config, ModelConfig
-from densemtl.data.base import DatasetInfo
+from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import ConfigError
 from densemtl.models import build_model
 from densemtl.models.backbones import FAMILIES, PRESETS, build_backbone

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from densemtl.config import Config
-from densemtl.data.base import DatasetInfo
+from densemtl.dataset_info import DatasetInfo
 from densemtl.models import build_model
 from densemtl.models.mtcp import CrossTaskFusion, TaskDecoder, TraceBack, cosine_consistency
 from densemtl.tasks import build_tasks

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from densemtl.data.base import DatasetInfo
+from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import DataError
 from densemtl.tasks import IGNORE_INDEX, TASKS, build_tasks, decode_normals, encode_normals
 

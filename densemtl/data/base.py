@@ -1,4 +1,4 @@
-"""What every dataset provides: a :class:`DatasetInfo` and samples in one dict format.
+"""What every dataset provides: samples in one dict format (and a :class:`DatasetInfo` as ``info``).
 
 A sample is ``{"image": float 3 x H x W (normalised), <task>: target tensor, "meta": {...}}`` with the
 target conventions of :mod:`densemtl.tasks`, and ``meta`` holding at least ``name`` (str) and ``size``
@@ -7,24 +7,9 @@ target conventions of :mod:`densemtl.tasks`, and ``meta`` holding at least ``nam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Facts about a dataset that tasks, metrics and models need."""
-
-    name: str
-    tasks: tuple[str, ...]
-    num_classes: dict[str, int] = field(default_factory=dict)  # for class-map tasks
-    class_names: dict[str, list[str]] = field(default_factory=dict)
-    boundary_max_dist: float = 0.011  # maxDist of the boundary protocol, fraction of the diagonal
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from densemtl.config import DataConfig
-from densemtl.data.base import DatasetInfo
 from densemtl.data.transforms import build_transform
+from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from densemtl.config import DataConfig
-from densemtl.data.base import DatasetInfo
 from densemtl.data.files import FolderDataset, as_label_map, read_image_file, read_npy
+from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import DataError
 from densemtl.tasks import DepthTask, EdgeTask, NormalsTask
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from densemtl.data.base import DatasetInfo
 from densemtl.data.files import FolderDataset, as_label_map, check_labels, read_image_file, read_mat
 from densemtl.data.pascal_parts import PART_CLASS_NAMES, load_human_parts
+from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import DataError
 from densemtl.tasks import decode_normals
 

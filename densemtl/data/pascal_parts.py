@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from densemtl.constants import IGNORE_INDEX
 from densemtl.data.files import read_mat
 from densemtl.errors import DataError
 
@@ -47,7 +48,6 @@ PART_GROUPS: dict[str, int] = {
     **dict.fromkeys(("luleg", "ruleg"), 5),
     **dict.fromkeys(("llleg", "rlleg", "lfoot", "rfoot"), 6),
 }
-IGNORE = 255
 
 
 @dataclass
@@ -99,7 +99,7 @@ def human_parts_target(objects: list[PartObject], shape: tuple[int, int], source
                 raise DataError(f"{source}: part mask '{name}' is {mask.shape}, the image {tuple(shape)}")
             target[mask] = PART_GROUPS[name]
     if not target.any():
-        target[:] = IGNORE
+        target[:] = IGNORE_INDEX
     return target
 
 

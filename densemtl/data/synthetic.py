@@ -34,8 +34,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from densemtl.config import DataConfig, SyntheticConfig
-from densemtl.data.base import DatasetInfo
 from densemtl.data.transforms import build_transform
+from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import DataError
 
 GENERATOR_VERSION = 3

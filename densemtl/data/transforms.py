@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from densemtl.config import DataConfig
-from densemtl.data.base import IMAGE_MEAN, IMAGE_STD
+from densemtl.constants import IMAGE_MEAN, IMAGE_STD
 from densemtl.errors import DataError
 from densemtl.tasks import TASKS
 

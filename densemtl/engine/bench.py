@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from densemtl.data.base import DatasetInfo
+from densemtl.dataset_info import DatasetInfo
 from densemtl.engine.distributed import env_info, resolve_device
 from densemtl.errors import UserError
 from densemtl.jsonio import write_json

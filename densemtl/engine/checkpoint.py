@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from densemtl.config import Config
-from densemtl.data.base import DatasetInfo
+from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import UserError
 from densemtl.tasks import Task
 

@@ -31,8 +31,9 @@ from densemtl.config import (
     read_yaml,
     to_dict,
 )
-from densemtl.data.base import DatasetInfo, collate
+from densemtl.data.base import collate
 from densemtl.data.transforms import pad_to
+from densemtl.dataset_info import DatasetInfo
 from densemtl.engine import distributed
 from densemtl.errors import DataError, UserError
 from densemtl.jsonio import write_json

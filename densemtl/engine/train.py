@@ -35,8 +35,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from densemtl.config import Config, to_dict
-from densemtl.data.base import DatasetInfo, collate
+from densemtl.data.base import collate
 from densemtl.data.transforms import JointTransform, denormalize_image
+from densemtl.dataset_info import DatasetInfo
 from densemtl.engine import distributed
 from densemtl.engine.checkpoint import capture_rng, info_to_dict, load_checkpoint, restore_rng, save_checkpoint
 from densemtl.engine.objective import Objective, build_objective, shared_parameters

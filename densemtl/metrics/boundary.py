@@ -30,10 +30,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from densemtl.constants import IGNORE_INDEX
 from densemtl.metrics.base import CountMetric, as_numpy, check_shapes
 from densemtl.metrics.boundary_match import MATCHERS, bsds_counts, bsds_kernel, exact_counts
 from densemtl.metrics.edge_nms import edge_nms, quantize, thinned_levels
-from densemtl.tasks import IGNORE_INDEX
 
 
 def threshold_levels(count: int) -> np.ndarray:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from densemtl.constants import IGNORE_INDEX
 from densemtl.metrics.base import CountMetric, as_numpy, check_shapes
-from densemtl.tasks import IGNORE_INDEX
 
 BETA2 = 0.3
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from densemtl.constants import IGNORE_INDEX
 from densemtl.metrics.base import CountMetric, as_numpy, check_shapes
-from densemtl.tasks import IGNORE_INDEX
 
 
 class ConfusionMetric(CountMetric):

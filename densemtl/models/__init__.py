@@ -8,7 +8,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from densemtl.config import Config
-    from densemtl.data.base import DatasetInfo
+    from densemtl.dataset_info import DatasetInfo
     from densemtl.tasks import Task
 
 

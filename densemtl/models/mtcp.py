@@ -32,7 +32,7 @@ from densemtl.models.decoders import conv_bn_relu, resize_to_input
 
 if TYPE_CHECKING:
     from densemtl.config import Config
-    from densemtl.data.base import DatasetInfo
+    from densemtl.dataset_info import DatasetInfo
     from densemtl.tasks import Task
 
 

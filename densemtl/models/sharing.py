@@ -70,7 +70,7 @@ from densemtl.models.vit_blocks import (
 
 if TYPE_CHECKING:
     from densemtl.config import Config, ModelConfig, SharingConfig
-    from densemtl.data.base import DatasetInfo
+    from densemtl.dataset_info import DatasetInfo
     from densemtl.tasks import Task
 
 PHASES = ("base", "delta", "finetune", "activation")
