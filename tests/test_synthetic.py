@@ -1,8 +1,7 @@
 """The synthetic scenes: labels geometrically consistent, deterministic, smooth clips, cache, export."""
 
-from pathlib import Path
-
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
