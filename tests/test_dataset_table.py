@@ -148,6 +148,19 @@ def test_unknown_or_unregistered_names_list_the_known_ones(toy, tmp_path: Path, 
     assert main(["data", "check", str(tmp_path), "--dataset", "synthetic"]) == 2
 
 
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["data.dataset=nyud"], "data.root"),
+        (["data.dataset=pascal", "data.root=/datasets/pascal"], "data.crop_size"),  # batches need one size
+    ],
+)
+def test_dataset_rules_fail_when_the_config_loads(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        load_config(None, overrides)
+    assert load_config(None, ["data.dataset=pascal", "data.root=/datasets/pascal", "data.batch_size=1"])
+
+
 def test_the_table_is_restored_after_a_registration(toy) -> None:
     DATASETS.unregister("toy")
     assert "toy" not in DATASETS and list(DATASETS) == ["synthetic", "nyud", "pascal"]
