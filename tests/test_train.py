@@ -21,7 +21,7 @@ from densemtl.engine.objective import Objective, build_objective, resize_target
 from densemtl.engine.schedule import lr_factor
 from densemtl.engine.train import Trainer, parameter_groups
 from densemtl.errors import ConfigError, TrainingDiverged
-from densemtl.losses.balancing import build_balancer
+from densemtl.losses.balancers import build_balancer
 from densemtl.models import build_model
 from densemtl.tasks import DepthTask, build_tasks
 
