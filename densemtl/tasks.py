@@ -29,10 +29,11 @@ from PIL import Image
 
 from densemtl.constants import IGNORE_INDEX
 from densemtl.errors import DataError
+from densemtl.label_relations import ClassRelation, DepthRelation, LabelRelation, NormalsRelation
 from densemtl.registry import TASKS
 
 if TYPE_CHECKING:
-    from densemtl.config import EvalConfig
+    from densemtl.config import ContrastiveConfig, EvalConfig
     from densemtl.dataset_info import DatasetInfo
 
 
@@ -129,6 +130,11 @@ class Task:
     def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
         raise NotImplementedError
 
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation | None:
+        """How this task's labels make pixel pairs positive or negative for the contrastive regularizer
+        (``thresholds``: its similarity thresholds); None when the labels give no such rule."""
+        return None
+
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         """An RGB uint8 H x W x 3 picture of one prediction or target."""
         raise NotImplementedError
@@ -179,6 +185,9 @@ class ClassMapTask(Task):
 
         return ConfusionMetric(self.num_classes, class_names=self.class_names)
 
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return ClassRelation(binary=False)
+
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         labels = _plane(value).astype(np.int64)
         return _PALETTE[np.clip(labels, 0, 255)]
@@ -226,6 +235,9 @@ class DepthTask(Task):
         from densemtl.metrics.depth import DepthMetric
 
         return DepthMetric()
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return DepthRelation(thresholds.depth_positive, thresholds.depth_negative)
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         depth = _plane(value)
@@ -282,6 +294,9 @@ class NormalsTask(Task):
 
         return NormalsMetric()
 
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return NormalsRelation(thresholds.normals_positive_deg, thresholds.normals_negative_deg)
+
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         return encode_normals(_normals_array(value))
 
@@ -337,6 +352,9 @@ class ProbabilityMapTask(Task):
 
     def predict(self, raw: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(raw.float())
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return ClassRelation(binary=True)
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         array = _plane(value).astype(np.float32)
