@@ -20,20 +20,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from densemtl.arrays import as_numpy
 from densemtl.constants import IGNORE_INDEX
 from densemtl.errors import DataError
+from densemtl.label_relations import ClassRelation, DepthRelation, LabelRelation, NormalsRelation
 from densemtl.registry import TASKS
 
 if TYPE_CHECKING:
-    from densemtl.config import EvalConfig
+    from densemtl.config import ContrastiveConfig, EvalConfig
     from densemtl.dataset_info import DatasetInfo
+    from densemtl.metrics.base import Metric
 
 
 
@@ -77,20 +80,14 @@ def colour_ramp(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarr
     return out
 
 
-def _as_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
-    return np.asarray(value)
-
-
 def _plane(value: torch.Tensor | np.ndarray) -> np.ndarray:
     """One H x W map from a tensor or array shaped H x W, 1 x H x W or 1 x 1 x H x W."""
-    array = _as_numpy(value)
+    array = as_numpy(value, torch.float32)
     return array.reshape(array.shape[-2:])
 
 
 def _normals_array(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    array = _as_numpy(value)
+    array = as_numpy(value, torch.float32)
     return array.reshape(3, *array.shape[-2:])
 
 
@@ -126,8 +123,13 @@ class Task:
         """Turn raw head outputs into the prediction the metrics and the writers take."""
         return raw
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         raise NotImplementedError
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation | None:
+        """How this task's labels make pixel pairs positive or negative for the contrastive regularizer
+        (``thresholds``: its similarity thresholds); None when the labels give no such rule."""
+        return None
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         """An RGB uint8 H x W x 3 picture of one prediction or target."""
@@ -174,10 +176,13 @@ class ClassMapTask(Task):
     def predict(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.argmax(dim=1)
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.semseg import ConfusionMetric
 
         return ConfusionMetric(self.num_classes, class_names=self.class_names)
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return ClassRelation(binary=False)
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         labels = _plane(value).astype(np.int64)
@@ -222,10 +227,13 @@ class DepthTask(Task):
     def loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _valid_mean((raw.float() - target).abs(), target > 0)
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.depth import DepthMetric
 
         return DepthMetric()
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return DepthRelation(thresholds.depth_positive, thresholds.depth_negative)
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         depth = _plane(value)
@@ -277,10 +285,13 @@ class NormalsTask(Task):
     def predict(self, raw: torch.Tensor) -> torch.Tensor:
         return F.normalize(raw.float(), dim=1)
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.normals import NormalsMetric
 
         return NormalsMetric()
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return NormalsRelation(thresholds.normals_positive_deg, thresholds.normals_negative_deg)
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         return encode_normals(_normals_array(value))
@@ -338,6 +349,9 @@ class ProbabilityMapTask(Task):
     def predict(self, raw: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(raw.float())
 
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return ClassRelation(binary=True)
+
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         array = _plane(value).astype(np.float32)
         grey = np.where(array == IGNORE_INDEX, 0.5, np.clip(array, 0, 1))
@@ -369,7 +383,7 @@ class EdgeTask(ProbabilityMapTask):
     def loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _masked_bce(raw, target, self.pos_weight)
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.boundary import BoundaryMetric
 
         max_dist = eval_config.boundary_max_dist or info.boundary_max_dist
@@ -389,7 +403,7 @@ class SaliencyTask(ProbabilityMapTask):
     def loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _masked_bce(raw, target, pos_weight=None)
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.saliency import SaliencyMetric
 
         return SaliencyMetric(thresholds=eval_config.saliency_thresholds)
