@@ -100,10 +100,10 @@ ARCHITECTURES = Registry("architecture", "model.arch", {
 })
 
 BALANCERS = Registry("balancer", "loss.balancer", {
-    "fixed": "densemtl.losses.balancing:FixedBalancer",
-    "uncertainty": "densemtl.losses.balancing:UncertaintyBalancer",
-    "dwa": "densemtl.losses.balancing:DWABalancer",
-    "lps": "densemtl.losses.balancing:LPSBalancer",
-    "gradnorm": "densemtl.losses.balancing:GradNormBalancer",
+    "fixed": "densemtl.losses.balancers.fixed:FixedBalancer",
+    "uncertainty": "densemtl.losses.balancers.uncertainty:UncertaintyBalancer",
+    "dwa": "densemtl.losses.balancers.dwa:DWABalancer",
+    "lps": "densemtl.losses.balancers.lps:LPSBalancer",
+    "gradnorm": "densemtl.losses.balancers.gradnorm:GradNormBalancer",
 })
 

@@ -20,20 +20,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from densemtl.arrays import as_numpy, as_tensor
 from densemtl.constants import IGNORE_INDEX
 from densemtl.errors import DataError
+from densemtl.label_relations import ClassRelation, DepthRelation, LabelRelation, NormalsRelation
 from densemtl.registry import TASKS
 
 if TYPE_CHECKING:
-    from densemtl.config import EvalConfig
+    from densemtl.config import ContrastiveConfig, EvalConfig
     from densemtl.dataset_info import DatasetInfo
+    from densemtl.metrics.base import Metric
 
 
 
@@ -77,26 +80,15 @@ def colour_ramp(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarr
     return out
 
 
-def _as_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
-    return np.asarray(value)
-
-
 def _plane(value: torch.Tensor | np.ndarray) -> np.ndarray:
     """One H x W map from a tensor or array shaped H x W, 1 x H x W or 1 x 1 x H x W."""
-    array = _as_numpy(value)
+    array = as_numpy(value, torch.float32)
     return array.reshape(array.shape[-2:])
 
 
 def _normals_array(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    array = _as_numpy(value)
+    array = as_numpy(value, torch.float32)
     return array.reshape(3, *array.shape[-2:])
-
-
-def _tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """A tensor view of an array (made contiguous first) or the tensor itself."""
-    return torch.as_tensor(np.ascontiguousarray(value) if isinstance(value, np.ndarray) else value)
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -116,7 +108,6 @@ class Task:
     primary_metric: ClassVar[str]
     lower_is_better: ClassVar[bool] = False
     fill_value: ClassVar[float] = IGNORE_INDEX
-    is_label_map: ClassVar[bool] = False  # integer map resized with nearest neighbour
     target_channels: ClassVar[int] = 1  # of a float target C x H x W (a label map is H x W)
     num_classes: int = 1
 
@@ -132,8 +123,13 @@ class Task:
         """Turn raw head outputs into the prediction the metrics and the writers take."""
         return raw
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         raise NotImplementedError
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation | None:
+        """How this task's labels make pixel pairs positive or negative for the contrastive regularizer
+        (``thresholds``: its similarity thresholds); None when the labels give no such rule."""
+        return None
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         """An RGB uint8 H x W x 3 picture of one prediction or target."""
@@ -162,7 +158,7 @@ class Task:
     @classmethod
     def to_target(cls, value: torch.Tensor | np.ndarray) -> torch.Tensor:
         """A loader's raw target as this task's target: float32 C x H x W (H x W accepted when C is 1)."""
-        tensor = _tensor(value).float()
+        tensor = as_tensor(value).float()
         if tensor.ndim == 2 and cls.target_channels == 1:
             tensor = tensor[None]
         if tensor.ndim != 3 or tensor.shape[0] != cls.target_channels:
@@ -200,7 +196,6 @@ def _valid_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class ClassMapTask(Task):
     """Per-pixel classification (cross-entropy, ignore 255)."""
 
-    is_label_map: ClassVar[bool] = True
     primary_metric: ClassVar[str] = "mIoU"
     class_names: tuple[str, ...] | None = None
 
@@ -215,16 +210,19 @@ class ClassMapTask(Task):
     @classmethod
     def to_target(cls, value: torch.Tensor | np.ndarray) -> torch.Tensor:
         """An int64 H x W label map (1 x H x W accepted)."""
-        tensor = _tensor(value)
+        tensor = as_tensor(value)
         tensor = tensor.squeeze(0) if tensor.ndim == 3 and tensor.shape[0] == 1 else tensor
         if tensor.ndim != 2:
             raise DataError(f"target '{cls.name}': expected an H x W label map, got shape {tuple(tensor.shape)}")
         return tensor.long()
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.semseg import ConfusionMetric
 
         return ConfusionMetric(self.num_classes, class_names=self.class_names)
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return ClassRelation(binary=False)
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         labels = _plane(value).astype(np.int64)
@@ -286,10 +284,13 @@ class DepthTask(Task):
             return [f"{path}: depth up to {target.max():.1f} m, expected metres (millimetres stored?)"]
         return []
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.depth import DepthMetric
 
         return DepthMetric()
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return DepthRelation(thresholds.depth_positive, thresholds.depth_negative)
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         depth = _plane(value)
@@ -359,10 +360,13 @@ class NormalsTask(Task):
                     f"(median |n| = {np.median(norm[valid]):.3f})"]
         return []
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.normals import NormalsMetric
 
         return NormalsMetric()
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return NormalsRelation(thresholds.normals_positive_deg, thresholds.normals_negative_deg)
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         return encode_normals(_normals_array(value))
@@ -420,6 +424,9 @@ class ProbabilityMapTask(Task):
     def predict(self, raw: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(raw.float())
 
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return ClassRelation(binary=True)
+
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         array = _plane(value).astype(np.float32)
         grey = np.where(array == IGNORE_INDEX, 0.5, np.clip(array, 0, 1))
@@ -457,7 +464,7 @@ class EdgeTask(ProbabilityMapTask):
             return [f"{path}: edge values outside [0, 1] (min {target.min():.3g}, max {target.max():.3g})"]
         return []
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.boundary import BoundaryMetric
 
         max_dist = eval_config.boundary_max_dist or info.boundary_max_dist
@@ -477,7 +484,7 @@ class SaliencyTask(ProbabilityMapTask):
     def loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _masked_bce(raw, target, pos_weight=None)
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.saliency import SaliencyMetric
 
         return SaliencyMetric(thresholds=eval_config.saliency_thresholds)

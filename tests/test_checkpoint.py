@@ -12,7 +12,7 @@ import torch
 from densemtl.engine import checkpoint
 from densemtl.engine.checkpoint import capture_rng, load_checkpoint, load_model, restore_rng, save_checkpoint
 from densemtl.errors import UserError
-from tests.test_train import make_trainer, tiny_config
+from tests.conftest import make_trainer, tiny_config
 
 
 def test_training_checkpoint_holds_every_piece_and_loads_weights_only(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from densemtl.engine.checkpoint import load_checkpoint, load_model
 from densemtl.engine.sharing import phase_dir
 from densemtl.engine.train import run_training
 from densemtl.models.sharing import PHASES, SharingModel
-from tests.test_sharing import TINY
+from tests.conftest import TINY
 
 
 def test_pipeline_runs_phases_in_order_and_resumes(tmp_path: Path, capsys) -> None:

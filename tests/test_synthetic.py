@@ -13,7 +13,6 @@ from densemtl.data.export import export_synthetic
 from densemtl.data.synthetic import (
     CLASS_NAMES,
     DEPTH_JUMP,
-    FOCAL_AT_640,
     GENERATOR_VERSION,
     SALIENT_CLASSES,
     SyntheticClips,
@@ -25,6 +24,7 @@ from densemtl.data.synthetic import (
 from densemtl.data.synthetic import dataset as synthetic
 from densemtl.errors import DataError
 from densemtl.tasks import IGNORE_INDEX, build_tasks
+from tests.conftest import angles_deg, label_interior, normals_from_depth
 
 FULL = SyntheticConfig()  # the default 96 x 128 frames, for the geometry checks
 
@@ -36,40 +36,11 @@ def _small(tmp_path: Path, **changes) -> SyntheticConfig:
     return SyntheticConfig(**params)
 
 
-def normals_from_depth(depth: np.ndarray) -> np.ndarray:
-    """Camera-frame normals (x right, y up, z to the viewer) of the surface a z-depth map describes,
-    by central differences of the back-projected points; 3 x (H-2) x (W-2), facing the camera."""
-    height, width = depth.shape
-    focal = FOCAL_AT_640 * width / 640
-    cols, rows = np.meshgrid(np.arange(width) + 0.5 - width / 2, np.arange(height) + 0.5 - height / 2)
-    points = np.stack([cols / focal * depth, -rows / focal * depth, -depth])
-    along_x = points[:, 1:-1, 2:] - points[:, 1:-1, :-2]
-    along_y = points[:, 2:, 1:-1] - points[:, :-2, 1:-1]
-    normals = np.cross(along_x, along_y, axis=0)
-    normals /= np.linalg.norm(normals, axis=0, keepdims=True)
-    return normals * -np.sign((normals * points[:, 1:-1, 1:-1]).sum(axis=0))
-
-
-def _interior(labels: np.ndarray) -> np.ndarray:
-    """Pixels (without the 1-pixel border) whose 3 x 3 neighbourhood has one label."""
-    height, width = labels.shape
-    centre = labels[1:-1, 1:-1]
-    same = np.ones(centre.shape, bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            same &= labels[1 + dy : height - 1 + dy, 1 + dx : width - 1 + dx] == centre
-    return same
-
-
-def _angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.degrees(np.arccos(np.clip((a * b).sum(axis=0), -1, 1)))
-
-
 @pytest.mark.parametrize("index", [0, 1, 2])
 def test_rendered_normals_agree_with_the_depth_map(index):
     frame = render_frame(FULL, "train", index)
-    angles = _angles(normals_from_depth(frame["depth"]), frame["normals"][:, 1:-1, 1:-1])
-    inside = _interior(frame["instance"].astype(np.int64)) & (frame["edge"][1:-1, 1:-1] == 0)
+    angles = angles_deg(normals_from_depth(frame["depth"]), frame["normals"][:, 1:-1, 1:-1])
+    inside = label_interior(frame["instance"].astype(np.int64)) & (frame["edge"][1:-1, 1:-1] == 0)
     assert inside.mean() > 0.7
     assert np.median(angles[inside]) < 1.0
     assert np.mean(angles[inside] < 5.0) > 0.9

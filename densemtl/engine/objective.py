@@ -118,7 +118,7 @@ def build_objective(
 
     ``steps_per_epoch`` is the default window of the epoch-based balancers (DWA, LPS).
     """
-    from densemtl.losses.balancing import build_balancer
+    from densemtl.losses.balancers import build_balancer
 
     regularizer = None
     if config.contrastive.enabled:
