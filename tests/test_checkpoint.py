@@ -24,7 +24,7 @@ def test_training_checkpoint_holds_every_piece_and_loads_weights_only(tmp_path: 
     assert expected <= set(state)
     assert isinstance(state["config"], dict) and state["config"]["train"]["steps"] == 2
     assert state["step"] == 2 and state["data_position"] == {"epoch": 0, "batch": 2}
-    assert any("log_var" in key for key in state["balancer"])  # learnable balancer state is kept
+    assert any("log_var" in key for key in state["objective"])  # learnable balancer state is kept
     loaded = load_model(Path(trainer.run_dir) / "checkpoints" / "last.pt")
     ema = trainer.ema.model.state_dict()
     assert all(torch.equal(ema[k], v) for k, v in loaded.model.state_dict().items())  # predicts with the EMA

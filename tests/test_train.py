@@ -19,7 +19,7 @@ from densemtl.engine.checkpoint import load_checkpoint
 from densemtl.engine.distributed import DistInfo
 from densemtl.engine.objective import Objective, build_objective, resize_target
 from densemtl.engine.schedule import lr_factor
-from densemtl.engine.train import Trainer, parameter_groups
+from densemtl.engine.trainer import Trainer, parameter_groups
 from densemtl.errors import ConfigError, TrainingDiverged
 from densemtl.losses.balancing import build_balancer
 from densemtl.models import build_model
@@ -130,7 +130,7 @@ def test_resume_continues_exactly(tmp_path: Path, workers: int) -> None:
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 8
-    for key in ["model", "balancer"]:
+    for key in ["model", "objective"]:
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
@@ -220,7 +220,7 @@ def test_batch_larger_than_training_set_is_a_config_error(tmp_path: Path) -> Non
 def test_run_training_validates_keeps_best_and_writes_results(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from densemtl.engine.train import run_training
+    from densemtl.engine.run import run_training
 
     config = tiny_config(tmp_path, "train.steps=4", "train.eval_every=2", "train.lr=3e-3")
     results = run_training(config)
