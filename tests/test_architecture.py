@@ -22,7 +22,7 @@ from densemtl.models import build_model
 from densemtl.models.architecture import Architecture, DeploymentCost, Phase
 from densemtl.models.output import ModelOutput
 from densemtl.registry import ARCHITECTURES
-from densemtl.tasks import Task
+from densemtl.tasks import Task, build_tasks
 
 
 class TwoHeads(nn.Module):
@@ -135,11 +135,9 @@ def test_a_registered_architecture_trains_in_its_phases_and_is_deployed(
 def test_build_model_goes_through_the_table(tmp_path: Path, toy_architecture: str) -> None:
     config = toy_config(tmp_path, toy_architecture)
     info = DatasetInfo("synthetic", ("semseg", "depth"), num_classes={"semseg": 3})
-    from densemtl.tasks import build_tasks
-
     assert isinstance(build_model(config, info, build_tasks(["semseg", "depth"], info)), TwoHeads)
     config.model.arch = "tower"
-    with pytest.raises(ConfigError, match="unknown architecture 'tower' .*known: multitask, single, mtcp, sharing, toy"):
+    with pytest.raises(ConfigError, match="architecture 'tower' .*known: multitask, single, mtcp, sharing, toy"):
         build_model(config, info, {})
 
 
@@ -151,3 +149,15 @@ def test_one_phase_architectures_train_in_the_run_directory(tmp_path: Path) -> N
     assert not list(run.glob("phase*")) and load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
     assert json.loads((run / "results.json").read_text())["results"] == results
     assert load_model(run / "checkpoints" / "last.pt").model.__class__.__name__ == "MultiTaskModel"
+
+
+def test_best_checkpoint_score_and_delta_m_share_the_relative_change() -> None:
+    from densemtl.engine.results import primary_score
+    from densemtl.metrics.delta_m import delta_m, relative_change
+    results = {"semseg": {"mIoU": 45.0}, "depth": {"rmse": 0.55}}
+    reference = {"semseg": {"mIoU": 40.0}, "depth": {"rmse": 0.5}}
+    assert relative_change(45.0, 40.0, lower_is_better=False) == pytest.approx(0.125)
+    assert relative_change(0.55, 0.5, lower_is_better=True) == pytest.approx(-0.1)
+    tasks = build_tasks(["semseg", "depth"], DatasetInfo("synthetic", ("semseg", "depth"), num_classes={"semseg": 3}))
+    assert primary_score(results, tasks, reference) == pytest.approx(0.0125)
+    assert delta_m(results, reference) == pytest.approx(100 * primary_score(results, tasks, reference))
