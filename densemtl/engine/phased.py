@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from densemtl.engine.results import format_results, write_results
 from densemtl.engine.trainer import Trainer
 from densemtl.metrics.delta_m import Results
 from densemtl.models.architecture import Architecture, Phase
+from densemtl.tasks import Task
 
 
 def phase_dir(run_dir: Path, index: int, name: str) -> Path:
@@ -58,30 +60,43 @@ def train_phases(config: Config, architecture: Architecture, run: RunSetup, resu
         phase.enter(model)
         if phase.steps == 0:
             continue
-        folder = phase_dir(run_dir, index, phase.name) if several else run_dir
-        trained_in = folder
-        if several and resume and _load_finished(folder, phase, model):
+        trained_in = phase_dir(run_dir, index, phase.name) if several else run_dir
+        if several and resume and _load_finished(trained_in, phase, model):
             if is_main:
-                print(f"densemtl: phase {index} ({phase.name}) already finished in {folder}")
+                print(f"densemtl: phase {index} ({phase.name}) already finished in {trained_in}")
             continue
-        trainer = _phase_trainer(config, run, model, index, phase, folder)
         if is_main and several:
             print(f"densemtl: phase {index} ({phase.name}): {phase.steps} steps on {', '.join(phase.tasks)}")
+        trainer = _phase_trainer(config, run, model, index, phase, trained_in)
         # a phase not started yet starts afresh; a one-phase run asked to resume must have a checkpoint
-        results = trainer.fit(resume=resume and (not several or (folder / "checkpoints" / "last.pt").exists()))
+        results = trainer.fit(resume=resume and (not several or (trained_in / "checkpoints" / "last.pt").exists()))
     best = trainer.best if trainer is not None else {"step": None, "score": None}
     if several or architecture.deploy is not None:
-        deployed = architecture.deployed(model.to(run.device), config)
-        with torch.no_grad():
-            results = build_evaluator(config, run.val_set, run.tasks, run.device)(deployed)
+        results = _evaluate_deployed(config, architecture, run, model, sum(phase.steps for phase in phases), best)
         if is_main:
             _copy_checkpoints(trained_in, run_dir)
-            write_results(run_dir, config, results, sum(phase.steps for phase in phases), best)
     if is_main:
-        if results:
-            print(format_results(results, run.tasks))
-        print(f"run directory: {run_dir}" + ("" if several else f" (best step {best['step']})"))
+        _print_summary(results, run.tasks, run_dir, None if several else best["step"])
     return results or {}
+
+
+def _print_summary(results: Results | None, tasks: dict[str, Task], run_dir: Path, best_step: int | None) -> None:
+    """The results table and where the run is (with the best step of a one-phase run)."""
+    if results:
+        print(format_results(results, tasks))
+    print(f"run directory: {run_dir}" + ("" if best_step is None else f" (best step {best_step})"))
+
+
+def _evaluate_deployed(
+    config: Config, architecture: Architecture, run: RunSetup, model: nn.Module, steps: int, best: dict[str, Any]
+) -> Results:
+    """Every task validated through the architecture's deployed form, written to ``<out_dir>/results.json``."""
+    deployed = architecture.deployed(model.to(run.device), config)
+    with torch.no_grad():
+        results = build_evaluator(config, run.val_set, run.tasks, run.device)(deployed)
+    if run.dist_info.is_main:
+        write_results(Path(config.out_dir), config, results, steps, best)
+    return results
 
 
 def _phase_trainer(config: Config, run: RunSetup, model: nn.Module, index: int, phase: Phase, folder: Path) -> Trainer:

@@ -415,16 +415,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> Results | None:
         """Train until ``steps``; returns the last validation results (None without an evaluator)."""
-        if resume:
-            self.resume()
-            if self.step >= self.steps and self.is_main:
-                print(f"densemtl: {self.run_dir} already holds all {self.steps} steps; raise train.steps to go on")
-        if self.is_main and not resume:
-            self._clear_previous_run()
-        logger = RunLogger(self.run_dir, self.is_main, fresh=not resume)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+        logger = self._open_run(resume)
         images_per_step = self.config.data.batch_size * self.train_cfg.accumulate * self.dist.world_size
         bar = tqdm(total=self.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
         window: dict[str, torch.Tensor | float] = {}
@@ -452,17 +443,34 @@ class Trainer:
                     logger.scalars("train", self.step, record)
                     window, window_steps, window_start, self.data_wait = {}, 0, time.perf_counter(), 0.0
                 evaluated = self.step % self.train_cfg.eval_every == 0 or at_end
-                improved = False
-                if evaluated:
-                    results, improved = self.validate()
-                    if results is not None:
-                        logger.results(self.step, results, self.best)
-                        logger.image(self.step, self.prediction_grid() if self.is_main else None)
-                        if self.is_main:
-                            write_results(self.run_dir, self.config, results, self.step, self.best)
+                improved = self._validate_and_record(logger) if evaluated else False
                 if self.step % self.train_cfg.checkpoint_every == 0 or at_end or evaluated:
                     self.save(best=improved)
         finally:
             bar.close()
             logger.close()
         return self.last_results
+
+    def _open_run(self, resume: bool) -> RunLogger:
+        """Resume from ``last.pt`` or clear what an earlier run left, write ``config.yaml``; the run's logger."""
+        if resume:
+            self.resume()
+            if self.step >= self.steps and self.is_main:
+                print(f"densemtl: {self.run_dir} already holds all {self.steps} steps; raise train.steps to go on")
+        if self.is_main and not resume:
+            self._clear_previous_run()
+        logger = RunLogger(self.run_dir, self.is_main, fresh=not resume)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+        return logger
+
+    def _validate_and_record(self, logger: RunLogger) -> bool:
+        """Validate, log the results and the prediction grid, write ``results.json``; True when the best so far."""
+        results, improved = self.validate()
+        if results is not None:
+            logger.results(self.step, results, self.best)
+            logger.image(self.step, self.prediction_grid() if self.is_main else None)
+            if self.is_main:
+                write_results(self.run_dir, self.config, results, self.step, self.best)
+        return improved
