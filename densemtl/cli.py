@@ -20,7 +20,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.out:
         config.out_dir = args.out
-    from densemtl.engine.train import run_training
+    from densemtl.engine.run import run_training
 
     run_training(config, resume=args.resume)
     return 0

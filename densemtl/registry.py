@@ -96,7 +96,7 @@ ARCHITECTURES = Registry("architecture", "model.arch", {
     "multitask": "densemtl.models.multitask:MULTITASK",
     "single": "densemtl.models.multitask:SINGLE",
     "mtcp": "densemtl.models.mtcp:MTCP",
-    "sharing": "densemtl.models.sharing:SHARING",
+    "sharing": "densemtl.models.sharing.architecture:SHARING",
 })
 
 BALANCERS = Registry("balancer", "loss.balancer", {

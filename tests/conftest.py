@@ -19,9 +19,9 @@ from densemtl.data import build_dataset
 from densemtl.data.synthetic import FOCAL_AT_640, synthetic_info
 from densemtl.engine.distributed import DistInfo
 from densemtl.engine.objective import build_objective
-from densemtl.engine.train import Trainer
+from densemtl.engine.trainer import Trainer
 from densemtl.models import build_model
-from densemtl.models.sharing import SharingModel
+from densemtl.models.sharing.model import SharingModel
 from densemtl.tasks import build_tasks
 
 # --- training runs ----------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def test_overrides_may_follow_options(tmp_path, monkeypatch):
     def fake_training(config, resume):
         seen.update(lr=config.train.lr, out=config.out_dir, resume=resume)
 
-    monkeypatch.setattr("densemtl.engine.train.run_training", fake_training)
+    monkeypatch.setattr("densemtl.engine.run.run_training", fake_training)
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  steps: 1\n")
     assert main(["train", str(config), "--out", str(tmp_path / "run"), "train.lr=0.25", "--resume"]) == 0

@@ -19,7 +19,7 @@ from densemtl.engine.bench import run_bench
 from densemtl.engine.checkpoint import load_checkpoint, load_model
 from densemtl.engine.distributed import DistInfo
 from densemtl.engine.objective import build_objective
-from densemtl.engine.train import Trainer
+from densemtl.engine.trainer import Trainer
 from densemtl.errors import ConfigError
 from densemtl.label_relations import ClassRelation, DepthRelation, LabelRelation, NormalsRelation
 from densemtl.losses.contrastive import (
@@ -349,7 +349,7 @@ def test_training_updates_the_projectors_but_the_saved_model_has_none(tmp_path: 
     plain = build_model(tiny_config(tmp_path, "contrastive.enabled=false"), train_set.info, tasks)
     assert set(state["model"]) == set(plain.state_dict())  # no projector in the inference weights
     assert not any("projector" in key for key in state["model"])
-    saved = {k.removeprefix("regularizer."): v for k, v in state["balancer"].items() if k.startswith("regularizer.")}
+    saved = {k.removeprefix("regularizer."): v for k, v in state["objective"].items() if k.startswith("regularizer.")}
     assert saved["calls"] == 3
     changed = [k for k in before if k != "calls" and not torch.equal(before[k], saved[k])]
     assert changed  # the optimiser reached the projectors drawn during the 3 steps

@@ -12,13 +12,8 @@ from densemtl.data.synthetic import synthetic_info
 from densemtl.errors import ConfigError
 from densemtl.models import build_model
 from densemtl.models.hard_concrete import HardConcreteGate
-from densemtl.models.sharing import (
-    ReuseExecutor,
-    SharedInference,
-    SharingModel,
-    WeightCorrection,
-    delta_storage,
-)
+from densemtl.models.sharing.inference import ReuseExecutor, SharedInference, WeightCorrection
+from densemtl.models.sharing.model import SharingModel, delta_storage
 from densemtl.models.vit_blocks import DenseExecutor, LinearRef
 from densemtl.tasks import build_tasks
 from tests.conftest import tiny_model

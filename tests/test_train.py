@@ -16,7 +16,7 @@ from densemtl.data import build_dataset
 from densemtl.engine.checkpoint import load_checkpoint
 from densemtl.engine.objective import Objective, resize_target
 from densemtl.engine.schedule import lr_factor
-from densemtl.engine.train import Trainer, parameter_groups
+from densemtl.engine.trainer import Trainer, parameter_groups
 from densemtl.errors import ConfigError, TrainingDiverged
 from densemtl.losses.balancers import build_balancer
 from densemtl.tasks import DepthTask, build_tasks
@@ -94,7 +94,7 @@ def test_resume_continues_exactly(tmp_path: Path, workers: int) -> None:
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 8
-    for key in ["model", "balancer"]:
+    for key in ["model", "objective"]:
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
@@ -184,7 +184,7 @@ def test_batch_larger_than_training_set_is_a_config_error(tmp_path: Path) -> Non
 def test_run_training_validates_keeps_best_and_writes_results(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from densemtl.engine.train import run_training
+    from densemtl.engine.run import run_training
 
     config = tiny_config(tmp_path, "train.steps=4", "train.eval_every=2", "train.lr=3e-3")
     results = run_training(config)

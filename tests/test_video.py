@@ -15,7 +15,7 @@ from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import info_to_dict, save_checkpoint
 from densemtl.engine.video import list_frames, predict_video, run_video
 from densemtl.errors import DataError
-from densemtl.models.sharing import SharedInference
+from densemtl.models.sharing.inference import SharedInference
 from tests.conftest import tiny_model
 
 
