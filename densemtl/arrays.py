@@ -1,4 +1,5 @@
-"""Tensor-to-array conversion, the one place where predictions and targets leave torch for numpy."""
+"""Tensor-array conversion, the one place where predictions and targets leave torch for numpy (and where
+loaded arrays enter torch)."""
 
 from __future__ import annotations
 
@@ -14,3 +15,9 @@ def as_numpy(value: torch.Tensor | np.ndarray, float_dtype: torch.dtype) -> np.n
         value = value.detach().cpu()
         return value.to(float_dtype).numpy() if value.is_floating_point() else value.numpy()
     return np.asarray(value)
+
+
+def as_tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A tensor sharing the memory of ``value`` where it can (an array is made contiguous first); a tensor
+    is returned as it is."""
+    return torch.as_tensor(np.ascontiguousarray(value) if isinstance(value, np.ndarray) else value)

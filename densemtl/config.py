@@ -408,9 +408,7 @@ def _check_ranges(config: Config, fail: _Fail) -> None:
 
 def _check_combinations(config: Config, fail: _Fail) -> None:
     """Options that depend on the chosen dataset or architecture."""
-    if config.data.dataset == "pascal" and config.data.crop_size is None and config.data.batch_size > 1:
-        fail("data.crop_size", "PASCAL-Context images differ in size: set a crop (e.g. [512, 512]) to batch them")
-    if config.data.dataset != "synthetic" and not config.data.root:
-        fail("data.root", f"dataset '{config.data.dataset}' needs the folder holding it")
+    for key, why in DATASETS[config.data.dataset].config_problems(config.data):
+        fail(key, why)  # the dataset's own rules (DenseDataset.config_problems); imports its module
     if config.model.arch == "sharing" and config.sharing.base_task not in config.data.tasks:
         fail("sharing.base_task", f"'{config.sharing.base_task}' is not one of data.tasks")

@@ -87,7 +87,7 @@ TASKS = Registry("task", "data.tasks", {
 })
 
 DATASETS = Registry("dataset", "data.dataset", {
-    "synthetic": "densemtl.data.synthetic:SyntheticDataset",
+    "synthetic": "densemtl.data.synthetic.dataset:SyntheticDataset",
     "nyud": "densemtl.data.nyud:NYUDDataset",
     "pascal": "densemtl.data.pascal:PascalContextDataset",
 })

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from densemtl.arrays import as_numpy
+from densemtl.arrays import as_numpy, as_tensor
 from densemtl.constants import IGNORE_INDEX
 from densemtl.errors import DataError
 from densemtl.label_relations import ClassRelation, DepthRelation, LabelRelation, NormalsRelation
@@ -108,7 +108,7 @@ class Task:
     primary_metric: ClassVar[str]
     lower_is_better: ClassVar[bool] = False
     fill_value: ClassVar[float] = IGNORE_INDEX
-    is_label_map: ClassVar[bool] = False  # integer map resized with nearest neighbour
+    target_channels: ClassVar[int] = 1  # of a float target C x H x W (a label map is H x W)
     num_classes: int = 1
 
     @property
@@ -153,6 +153,38 @@ class Task:
 
     extensions: ClassVar[tuple[str, ...]] = (".png",)
 
+    # Hooks of the data layer (transforms, ``data check``): class methods, as data code holds task classes.
+
+    @classmethod
+    def to_target(cls, value: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """A loader's raw target as this task's target: float32 C x H x W (H x W accepted when C is 1)."""
+        tensor = as_tensor(value).float()
+        if tensor.ndim == 2 and cls.target_channels == 1:
+            tensor = tensor[None]
+        if tensor.ndim != 3 or tensor.shape[0] != cls.target_channels:
+            raise DataError(
+                f"target '{cls.name}': expected {cls.target_channels} x H x W, got shape {tuple(tensor.shape)}"
+            )
+        return tensor
+
+    @classmethod
+    def resize_target(cls, target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``target`` resampled to ``size`` by nearest neighbour, which keeps every value exact."""
+        batched = target[None, None] if target.ndim == 2 else target[None]
+        resized = F.interpolate(batched.float(), size=size, mode="nearest-exact")
+        resized = resized[0, 0] if target.ndim == 2 else resized[0]
+        return resized.to(target.dtype)
+
+    @classmethod
+    def flip_target(cls, target: torch.Tensor) -> torch.Tensor:
+        """``target`` of an image mirrored left-right."""
+        return target.flip(-1)
+
+    @classmethod
+    def target_problems(cls, target: np.ndarray, path: Path) -> list[str]:
+        """Implausible values of a target read from ``path``, one message each (``densemtl data check``)."""
+        return []
+
 
 def _valid_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over ``valid`` pixels; zero (with gradient) when none is valid."""
@@ -164,7 +196,6 @@ def _valid_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class ClassMapTask(Task):
     """Per-pixel classification (cross-entropy, ignore 255)."""
 
-    is_label_map: ClassVar[bool] = True
     primary_metric: ClassVar[str] = "mIoU"
     class_names: tuple[str, ...] | None = None
 
@@ -175,6 +206,15 @@ class ClassMapTask(Task):
 
     def predict(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.argmax(dim=1)
+
+    @classmethod
+    def to_target(cls, value: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """An int64 H x W label map (1 x H x W accepted)."""
+        tensor = as_tensor(value)
+        tensor = tensor.squeeze(0) if tensor.ndim == 3 and tensor.shape[0] == 1 else tensor
+        if tensor.ndim != 2:
+            raise DataError(f"target '{cls.name}': expected an H x W label map, got shape {tuple(tensor.shape)}")
+        return tensor.long()
 
     def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.semseg import ConfusionMetric
@@ -223,9 +263,26 @@ class DepthTask(Task):
     lower_is_better: ClassVar[bool] = True
     fill_value: ClassVar[float] = 0.0
     extensions: ClassVar[tuple[str, ...]] = (".npy", ".png")
+    max_plausible: ClassVar[float] = 100.0  # metres; more suggests millimetres stored as metres
 
     def loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _valid_mean((raw.float() - target).abs(), target > 0)
+
+    @classmethod
+    def resize_target(cls, target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Bilinear over valid depths only (0 = no measurement stays 0 where most of the area is invalid)."""
+        valid = (target > 0).float()
+        weight = F.interpolate(valid[None], size=size, mode="bilinear", align_corners=False)[0]
+        total = F.interpolate((target * valid)[None], size=size, mode="bilinear", align_corners=False)[0]
+        return torch.where(weight > 0.5, total / weight.clamp_min(1e-6), torch.zeros_like(total))
+
+    @classmethod
+    def target_problems(cls, target: np.ndarray, path: Path) -> list[str]:
+        if not (target > 0).any():
+            return [f"{path}: no valid depth pixel"]
+        if target.max() > cls.max_plausible:
+            return [f"{path}: depth up to {target.max():.1f} m, expected metres (millimetres stored?)"]
+        return []
 
     def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.depth import DepthMetric
@@ -272,6 +329,9 @@ class NormalsTask(Task):
     lower_is_better: ClassVar[bool] = True
     fill_value: ClassVar[float] = 0.0
     extensions: ClassVar[tuple[str, ...]] = (".png", ".npy")
+    target_channels: ClassVar[int] = 3
+    unit_tolerance: ClassVar[float] = 0.1  # allowed | |n| - 1 | (8-bit PNG quantisation stays under 0.01)
+    off_unit_fraction: ClassVar[float] = 0.01  # share of valid pixels allowed off unit length
     num_classes: int = 3
     cosine_loss: bool = False
 
@@ -284,6 +344,21 @@ class NormalsTask(Task):
 
     def predict(self, raw: torch.Tensor) -> torch.Tensor:
         return F.normalize(raw.float(), dim=1)
+
+    @classmethod
+    def flip_target(cls, target: torch.Tensor) -> torch.Tensor:
+        """Mirrored, with x negated: the camera frame's x points to the right of the image."""
+        return target.flip(-1) * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+
+    @classmethod
+    def target_problems(cls, target: np.ndarray, path: Path) -> list[str]:
+        norm = np.linalg.norm(target, axis=0)
+        valid = norm > 0
+        off = np.abs(norm[valid] - 1) > cls.unit_tolerance
+        if valid.any() and off.mean() > cls.off_unit_fraction:
+            return [f"{path}: {100 * off.mean():.1f}% of valid normals are not unit length "
+                    f"(median |n| = {np.median(norm[valid]):.3f})"]
+        return []
 
     def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.normals import NormalsMetric
@@ -382,6 +457,12 @@ class EdgeTask(ProbabilityMapTask):
 
     def loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _masked_bce(raw, target, self.pos_weight)
+
+    @classmethod
+    def target_problems(cls, target: np.ndarray, path: Path) -> list[str]:
+        if ((target < 0) | (target > 1)).any():
+            return [f"{path}: edge values outside [0, 1] (min {target.min():.3g}, max {target.max():.3g})"]
+        return []
 
     def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.boundary import BoundaryMetric

@@ -1,5 +1,6 @@
 """The synthetic scenes: labels geometrically consistent, deterministic, smooth clips, cache, export."""
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -8,11 +9,11 @@ import torch
 from PIL import Image
 
 from densemtl.config import DataConfig, SyntheticConfig
-from densemtl.data import synthetic
 from densemtl.data.export import export_synthetic
 from densemtl.data.synthetic import (
     CLASS_NAMES,
     DEPTH_JUMP,
+    GENERATOR_VERSION,
     SALIENT_CLASSES,
     SyntheticClips,
     SyntheticDataset,
@@ -20,6 +21,7 @@ from densemtl.data.synthetic import (
     render_clip,
     render_frame,
 )
+from densemtl.data.synthetic import dataset as synthetic
 from densemtl.errors import DataError
 from densemtl.tasks import IGNORE_INDEX, build_tasks
 from tests.conftest import angles_deg, label_interior, normals_from_depth
@@ -183,3 +185,34 @@ def test_export_writes_the_nyud_layout(tmp_path):
     grid = np.asarray(Image.open(out / "grid.png"))
     assert grid.shape == (2 * 24 + 2, 6 * 32 + 5 * 2, 3)
     assert IGNORE_INDEX not in segmentation
+
+
+# First 16 hex digits of the sha256 of every array (dtype, shape and bytes) of two small frames, as rendered
+# by generator version 3 before data/synthetic.py was split into a package. A change to the generator that
+# alters any array must bump GENERATOR_VERSION (so stale caches are not read) and update these digests.
+PINNED_VERSION = 3
+PINNED_FRAME = {  # render_frame(PIN_CONFIG, "train", 0)
+    "image": "b150d71c3c528e09", "semseg": "eeabef58f5195c0a", "depth": "741cc9859b39ad83",
+    "normals": "be5f577555ca0d31", "edge": "8889a7a71c3fcce2", "saliency": "9928981162779f82",
+    "instance": "c7d1191d656384d5",
+}
+PINNED_CLIP_FRAME = {  # render_clip(PIN_CONFIG, 1)[2]
+    "image": "53373efbaed94f02", "semseg": "6a1c55838f0f6158", "depth": "38b3e037baaa6f15",
+    "normals": "8cfd76a1bd262661", "edge": "39a3dc5750abfbf2", "saliency": "8e51559d31f6ebae",
+    "instance": "bd64a98fbfb2c315",
+}
+PIN_CONFIG = SyntheticConfig(height=24, width=32, seed=5, clip_length=3)
+
+
+def _digests(frame: dict) -> dict[str, str]:
+    def digest(array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        return hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + array.tobytes()).hexdigest()[:16]
+
+    return {key: digest(value) for key, value in frame.items()}
+
+
+def test_rendered_frames_are_pinned_to_the_generator_version():
+    assert GENERATOR_VERSION == PINNED_VERSION
+    assert _digests(render_frame(PIN_CONFIG, "train", 0)) == PINNED_FRAME
+    assert _digests(render_clip(PIN_CONFIG, 1)[2]) == PINNED_CLIP_FRAME

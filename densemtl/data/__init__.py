@@ -1,25 +1,16 @@
-"""Datasets: the embedded synthetic scenes, NYUD-v2 and PASCAL-Context, behind one sample format."""
+"""Datasets behind one sample format; which ones exist is the DATASETS table of :mod:`densemtl.registry`."""
 
 from __future__ import annotations
 
-from torch.utils.data import Dataset
-
 from densemtl.config import DataConfig
+from densemtl.data.base import DenseDataset
+from densemtl.registry import DATASETS
 
 
-def build_dataset(data: DataConfig, split: str, train: bool) -> Dataset:
+def build_dataset(data: DataConfig, split: str, train: bool) -> DenseDataset:
     """The dataset named by ``data.dataset`` for ``split``; ``train`` turns on augmentation.
 
-    Every dataset returned has an ``info`` attribute (:class:`densemtl.data.base.DatasetInfo`).
+    Every dataset returned has an ``info`` attribute (:class:`densemtl.dataset_info.DatasetInfo`). An
+    unknown name is a ConfigError listing the known ones.
     """
-    if data.dataset == "synthetic":
-        from densemtl.data.synthetic import SyntheticDataset
-
-        return SyntheticDataset(data, split, train)
-    if data.dataset == "nyud":
-        from densemtl.data.nyud import NYUDDataset
-
-        return NYUDDataset(data, split, train)
-    from densemtl.data.pascal import PascalContextDataset
-
-    return PascalContextDataset(data, split, train)
+    return DATASETS.lookup(data.dataset)(data, split, train)
