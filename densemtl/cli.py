@@ -35,7 +35,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.predictions:
         synthetic = None
-        if args.dataset == "synthetic" and args.data:
+        if args.data:  # the generated scenes' settings; datasets read from --root ignore them
             from densemtl.config import load_config
 
             synthetic = load_config(args.data, args.overrides).data.synthetic

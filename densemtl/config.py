@@ -348,14 +348,18 @@ _Fail = Callable[[str, str], NoReturn]  # raises the ConfigError naming the key 
 
 
 def validate(config: Config, source: str = "<config>") -> None:
-    """Checks on values (beyond types) that would otherwise fail deep inside training."""
+    """Checks on values (beyond types) that would otherwise fail deep inside training.
+
+    Names are checked against the registry tables without importing the parts; rules that belong to one
+    dataset or architecture are checked by that part when it is built (``build_dataset``, ``build_model``).
+    """
     def fail(key: str, why: str) -> NoReturn:
         raise ConfigError(f"{source}: key '{key}': {why}")
 
     for registry, name in ((DATASETS, config.data.dataset), (ARCHITECTURES, config.model.arch),
                            (BALANCERS, config.loss.balancer)):
         registry.check(name, source)
-    for check in (_check_tasks, _check_sizes, _check_ranges, _check_combinations):
+    for check in (_check_tasks, _check_sizes, _check_ranges):
         check(config, fail)
 
 
@@ -405,10 +409,3 @@ def _check_ranges(config: Config, fail: _Fail) -> None:
     if config.data.num_workers < 0:
         fail("data.num_workers", "must be >= 0")
 
-
-def _check_combinations(config: Config, fail: _Fail) -> None:
-    """Options that depend on the chosen dataset or architecture."""
-    for key, why in DATASETS[config.data.dataset].config_problems(config.data):
-        fail(key, why)  # the dataset's own rules (DenseDataset.config_problems); imports its module
-    if config.model.arch == "sharing" and config.sharing.base_task not in config.data.tasks:
-        fail("sharing.base_task", f"'{config.sharing.base_task}' is not one of data.tasks")

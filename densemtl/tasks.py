@@ -109,6 +109,7 @@ class Task:
     lower_is_better: ClassVar[bool] = False
     fill_value: ClassVar[float] = IGNORE_INDEX
     target_channels: ClassVar[int] = 1  # of a float target C x H x W (a label map is H x W)
+    costly_metric: ClassVar[bool] = False  # seconds per image: validation may skip it (eval.boundary_during_training)
     num_classes: int = 1
 
     @property
@@ -453,6 +454,7 @@ class EdgeTask(ProbabilityMapTask):
     name: ClassVar[str] = "edge"
     default_weight: ClassVar[float] = 50.0
     primary_metric: ClassVar[str] = "odsF"
+    costly_metric: ClassVar[bool] = True
     pos_weight: float = 0.95
 
     def loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ def test_help_lists_every_command(capsys):
         (["train", "/nonexistent.yaml"], "/nonexistent.yaml"),
         (["train", "{config}", "train.lr=abc"], "train.lr"),
         (["train", "{config}", "data.tasks=[sky]"], "sky"),
+        (["train", "{config}", "data.dataset=nyud", "--out", "{tmp}/run"], "data.root"),
+        (["train", "{config}", "model.arch=sharing", "data.tasks=[depth]", "--out", "{tmp}/run"], "sharing.base_task"),
         (["evaluate"], "--checkpoint"),
         (["evaluate", "--predictions", "somewhere"], "--dataset"),
         (["evaluate", "--predictions", "{tmp}", "--dataset", "nyud"], "--root"),

@@ -5,7 +5,7 @@ target conventions of :mod:`densemtl.tasks`, and ``meta`` holding at least ``nam
 (the original ``(H, W)`` before any padding or crop), so predictions can be cropped back and saved.
 
 A dataset is a :class:`DenseDataset` subclass and one row of :data:`densemtl.registry.DATASETS`.
-Config validation, the bench, the CLI and ``densemtl data check`` read its class attributes and class
+``build_dataset``, the bench, the CLI and ``densemtl data check`` read its class attributes and class
 methods, so they know a dataset without naming it and without its files.
 """
 
@@ -46,8 +46,9 @@ class DenseDataset(Dataset):
         raise NotImplementedError
 
     @classmethod
-    def config_problems(cls, data_config: DataConfig) -> list[tuple[str, str]]:
-        """``(key, why)`` for each data setting it cannot run with; loading a config fails on the first."""
+    def config_problems(cls, data_config: DataConfig, train: bool) -> list[tuple[str, str]]:
+        """``(key, why)`` for each data setting it cannot run with (``train``: for training batches);
+        :func:`build_dataset` fails on the first."""
         if cls.needs_root and not data_config.root:
             return [("data.root", f"dataset '{cls.dataset_name}' needs the folder holding it")]
         return []

@@ -122,6 +122,9 @@ def read_saliency(path: Path) -> np.ndarray:
     return (grey.astype(np.float32) / scale > 0.5).astype(np.float32)[None]
 
 
+# The files each task reads: edges are the LabelMap's boundaries, normals are valid on its NYUD-like classes.
+_TASK_SOURCES = {"semseg": ("semseg",), "human_parts": ("human_parts",), "saliency": ("saliency",),
+                 "normals": ("normals", "labelmap"), "edge": ("labelmap",)}
 # Per task: its target from the sample's files, the image size and the per-sample cache.
 _READERS: dict[str, Callable[[dict[str, Path], tuple[int, int], dict[str, Any]], np.ndarray]] = {
     "semseg": lambda files, size, cache: read_semseg(files["semseg"]),
@@ -147,11 +150,8 @@ class PascalContextDataset(FolderDataset):
 
     @classmethod
     def sources(cls, root: Path, tasks: Iterable[str]) -> dict[str, tuple[str, ...]]:
-        tasks = list(tasks)
-        wanted = ["image", *(task for task in tasks if task != "edge")]
-        if "edge" in tasks or "normals" in tasks:
-            wanted.append("labelmap")
-        return {source: _SOURCES[source] for source in wanted}
+        wanted = ["image", *(source for task in tasks for source in _TASK_SOURCES[task])]
+        return {source: _SOURCES[source] for source in dict.fromkeys(wanted)}
 
     @classmethod
     def read_target(
@@ -175,9 +175,9 @@ class PascalContextDataset(FolderDataset):
         return PASCAL_EVAL_SIZE
 
     @classmethod
-    def config_problems(cls, data_config: DataConfig) -> list[tuple[str, str]]:
+    def config_problems(cls, data_config: DataConfig, train: bool) -> list[tuple[str, str]]:
         problems = []
-        if data_config.crop_size is None and data_config.batch_size > 1:
+        if train and data_config.crop_size is None and data_config.batch_size > 1:
             why = "PASCAL-Context images differ in size: set a crop (e.g. [512, 512]) to batch them"
             problems.append(("data.crop_size", why))
-        return problems + super().config_problems(data_config)
+        return problems + super().config_problems(data_config, train)

@@ -40,18 +40,19 @@ from densemtl.errors import DataError, UserError
 from densemtl.jsonio import write_json
 from densemtl.metrics.delta_m import Results
 from densemtl.models.architecture import ReportsCost
-from densemtl.registry import ARCHITECTURES
+from densemtl.registry import ARCHITECTURES, DATASETS
 from densemtl.tasks import TASKS, ClassMapTask, Task, build_tasks
 
 
 def build_metrics(
     tasks: dict[str, Task], info: DatasetInfo, eval_config: EvalConfig, include_boundary: bool = True
 ) -> dict[str, Any]:
-    """One metric per task (``edge`` left out when ``include_boundary`` is False)."""
+    """One metric per task; a task whose metric is costly (boundary matching) left out when ``include_boundary``
+    is False."""
     return {
         name: task.build_metric(info, eval_config)
         for name, task in tasks.items()
-        if include_boundary or name != "edge"
+        if include_boundary or not task.costly_metric
     }
 
 
@@ -278,7 +279,7 @@ def evaluate_predictions(
     """
     from densemtl.data import build_dataset
 
-    if dataset != "synthetic" and root is None:
+    if DATASETS.lookup(dataset).needs_root and root is None:
         raise UserError(f"dataset '{dataset}' needs --root, the folder holding its ground truth")
     pred_dir = Path(pred_dir)
     names = _prediction_tasks(pred_dir, tasks)

@@ -33,6 +33,7 @@ from densemtl.errors import ConfigError
 from densemtl.models.hard_concrete import HardConcreteGate
 from densemtl.models.output import ModelOutput
 from densemtl.models.vit_blocks import DenseExecutor, TokenDecoder, ViTEncoder, Weights, load_hf_vit
+from densemtl.registry import DATASETS
 
 if TYPE_CHECKING:
     from densemtl.config import Config, ModelConfig, SharingConfig
@@ -224,7 +225,9 @@ def build_sharing_model(config: Config, info: DatasetInfo, tasks: dict[str, Task
     With ``model.pretrained`` (a local folder or hub name of a Hugging Face ``ViTModel``) the encoder's size
     and weights come from it (:func:`load_hf_vit`); the decoders and deltas start fresh.
     """
-    size = config.data.crop_size or [config.data.synthetic.height, config.data.synthetic.width]
+    if config.sharing.base_task not in tasks:
+        raise ConfigError(f"key 'sharing.base_task': '{config.sharing.base_task}' is not one of data.tasks")
+    size = config.data.crop_size or DATASETS.lookup(config.data.dataset).native_size(config.data)
     model_config, pretrained = config.model, None
     if config.model.pretrained:
         from transformers import ViTModel
