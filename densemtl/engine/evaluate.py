@@ -232,13 +232,13 @@ def _check_prediction(task: Task, path: Path, pred: torch.Tensor, target: torch.
     expected = tuple(target.shape[-2:])
     if tuple(pred.shape[-2:]) != expected:
         return f"{path}: prediction size {tuple(pred.shape[-2:])}, ground truth {expected} (H, W)"
+    if pred.is_floating_point() and not torch.isfinite(pred).all():  # any task's, class maps read as floats too
+        return f"{path}: holds NaN or infinite values ({int((~torch.isfinite(pred)).sum())} of {pred.numel()})"
     if isinstance(task, ClassMapTask):
         values = np.unique(pred.numpy())
         bad = values[(values < 0) | (values >= task.num_classes)]
         if bad.size:
             return f"{path}: label {int(bad[0])} out of range 0..{task.num_classes - 1}"
-    elif not torch.isfinite(pred).all():
-        return f"{path}: holds NaN or infinite values"
     return None
 
 

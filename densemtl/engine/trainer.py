@@ -69,6 +69,16 @@ def _move(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _worker_error(err: UserError) -> UserError:
+    """A user error raised in a data worker as the line it was: the loader re-raises it with the worker's
+    traceback in its message."""
+    text = str(err)
+    marker = f"{type(err).__module__}.{type(err).__name__}: "
+    if not text.startswith("Caught ") or marker not in text:
+        return err
+    return type(err)(text.rpartition(marker)[2].strip())
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -255,6 +265,8 @@ class Trainer:
                 self._iterator = None
                 self.epoch += 1
                 self.batch_index = 0
+            except UserError as err:  # a bad file found by a data worker
+                raise _worker_error(err) from None
         self.batch_index += 1
         self.data_wait += time.perf_counter() - start
         return batch
