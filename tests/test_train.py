@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from densemtl.cli import main
@@ -321,6 +322,9 @@ def test_resume_drops_the_log_lines_after_the_checkpoint(tmp_path: Path) -> None
     make_trainer(config, evaluator=rng_hungry_evaluator).fit(resume=True)
     assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in read_log(run, "val")] == [3, 6]
+    events = EventAccumulator(str(run / "tensorboard"))  # TensorBoard's reader drops the purged steps
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss/total")] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize(
