@@ -7,10 +7,12 @@ import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from densemtl.cli import main
 from densemtl.config import RANGES, Config, load_config, parse_overrides, to_dict
 from densemtl.errors import ConfigError
+from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +136,7 @@ def test_every_numeric_option_has_a_range_that_refuses_nan_infinity_and_values_o
 )
 def test_bad_numbers_exit_2_with_one_line_naming_the_key(tmp_path, capsys, override, needle):
     config = tmp_path / "c.yaml"
-    config.write_text("train:\n  steps: 1\n")
+    config.write_text(yaml.safe_dump(to_dict(tiny_config(tmp_path, "train.steps=1"))))
     assert main(["train", str(config), override, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert needle in err and override.split("=")[0] in err and len(err.strip().splitlines()) == 1

@@ -285,12 +285,12 @@ def test_a_huge_learning_rate_exits_3_and_leaves_no_checkpoint_that_predicts_nan
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(to_dict(tiny_config(tmp_path, "train.steps=20", "train.checkpoint_every=1"))))
     assert main(["train", str(config), "train.lr=1e6"]) == 3
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if "densemtl: error" in line]  # after the progress bars
-    assert len(errors) == 1 and "NaN or infinite" in errors[0] and "Traceback" not in err
     for checkpoint in (tmp_path / "run").rglob("*.pt"):
         assert nonfinite_tensors(load_checkpoint(checkpoint)) == [], checkpoint
         assert _predicts_finite(checkpoint, tmp_path / checkpoint.stem), checkpoint
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "densemtl: error" in line]  # after the progress bars
+    assert len(errors) == 1 and "NaN or infinite" in errors[0] and "Traceback" not in err
 
 
 def test_with_fp16_scaling_a_non_finite_gradient_skips_the_step_as_the_scaler_decides(tmp_path: Path) -> None:
