@@ -24,7 +24,7 @@ from scipy import ndimage
 from densemtl.jsonio import write_json
 from densemtl.metrics.boundary import BoundaryMetric, threshold_levels
 from densemtl.metrics.boundary_match import bsds_counts, exact_counts
-from densemtl.metrics.edge_nms import edge_nms, quantize, thinned_levels
+from densemtl.metrics.edge_nms import thinned_levels
 
 
 def random_regions(rng: np.random.Generator, height: int, width: int, regions: int, smooth: float) -> np.ndarray:

@@ -147,6 +147,7 @@ class FolderDataset(Dataset):
         if not self.names:
             raise DataError(f"{self.split_file(self.root, split)}: no sample of split '{split}' has all its files")
         self.files = [files[name] for name in self.names]
+        self.train = train
         self.transform = build_transform(data_config, train=train)
         self.info = self.dataset_info(self.tasks)
         self.skipped = 0
@@ -166,6 +167,11 @@ class FolderDataset(Dataset):
     ) -> np.ndarray:
         """Decode one task's target (tasks.py conventions); ``cache`` shares files read by several tasks."""
         raise NotImplementedError
+
+    @classmethod
+    def evaluation_target(cls, task: str, target: np.ndarray, cache: dict[str, Any]) -> np.ndarray:
+        """The target scored by evaluation where it differs from the training target (default: the same)."""
+        return target
 
     @classmethod
     def dataset_info(cls, tasks: Iterable[str]) -> DatasetInfo:
@@ -217,13 +223,16 @@ class FolderDataset(Dataset):
         return target
 
     def load_raw(self, index: int) -> dict[str, Any]:
-        """Sample ``index`` decoded but not transformed (the raw format of :mod:`densemtl.data.transforms`)."""
+        """Sample ``index`` decoded but not transformed (the raw format of :mod:`densemtl.data.transforms`);
+        an evaluation dataset (``train=False``) holds the evaluation targets."""
         files = self.files[index]
         image = read_rgb(files["image"])
         cache: dict[str, Any] = {}
         raw: dict[str, Any] = {"image": image}
         for task in self.tasks:
             raw[task] = self.read_task(task, files, image.shape[:2], cache)
+            if not self.train:
+                raw[task] = self.evaluation_target(task, raw[task], cache)
         raw["meta"] = {"name": self.names[index]}
         return raw
 
