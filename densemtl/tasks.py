@@ -374,7 +374,10 @@ class EdgeTask(ProbabilityMapTask):
 
         max_dist = eval_config.boundary_max_dist or info.boundary_max_dist
         return BoundaryMetric(
-            max_dist=max_dist, thresholds=eval_config.boundary_thresholds, matcher=eval_config.boundary_matcher
+            max_dist=max_dist,
+            thresholds=eval_config.boundary_thresholds,
+            matcher=eval_config.boundary_matcher,
+            protocol=eval_config.edge_protocol,
         )
 
 

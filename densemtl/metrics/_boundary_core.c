@@ -166,37 +166,6 @@ static int conv_tri(const float *image, float *out, int h, int w, int r) {
     return 0;
 }
 
-static PyObject *py_conv_tri(PyObject *self, PyObject *args) {
-    PyObject *image_obj, *out_obj;
-    int h, w, r;
-    if (!PyArg_ParseTuple(args, "OOiii", &image_obj, &out_obj, &h, &w, &r)) {
-        return NULL;
-    }
-    Buffer image_buf = {.held = 0}, out_buf = {.held = 0};
-    PyObject *result = NULL;
-    if (image_pair(image_obj, out_obj, h, w, &image_buf, &out_buf, "conv_tri") < 0) {
-        goto done;
-    }
-    if (r < 1) {
-        PyErr_SetString(PyExc_ValueError, "conv_tri: radius must be at least 1");
-        goto done;
-    }
-    int failed;
-    Py_BEGIN_ALLOW_THREADS
-    failed = conv_tri(image_buf.view.buf, out_buf.view.buf, h, w, r);
-    Py_END_ALLOW_THREADS
-    if (failed) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    result = Py_None;
-    Py_INCREF(result);
-done:
-    release(&image_buf);
-    release(&out_buf);
-    return result;
-}
-
 /* numpy.gradient of a row-major map along x (axis 1) or y (axis 0): central differences, one-sided at the
  * ends. */
 static void gradient(const float *in, float *out, int h, int w, int along_x) {
@@ -218,12 +187,12 @@ static void gradient(const float *in, float *out, int h, int w, int along_x) {
     }
 }
 
-/* Orientation in [0, pi) from second derivatives of convTri(E, 4): mod(atan(Oyy sign(-Oxy) / (Oxx + 1e-5)), pi),
+/* Orientation in [0, pi) from second derivatives of convTri(E, r): mod(atan(Oyy sign(-Oxy) / (Oxx + 1e-5)), pi),
  * 0 where undefined. */
-static int orientation(const float *edges, float *out, int h, int w) {
+static int orientation(const float *edges, float *out, int h, int w, int r) {
     Py_ssize_t n = (Py_ssize_t)h * w;
     float *smooth = malloc((size_t)n * 5 * sizeof(float));
-    if (!smooth || conv_tri(edges, smooth, h, w, 4) < 0) {
+    if (!smooth || conv_tri(edges, smooth, h, w, r) < 0) {
         free(smooth);
         return -1;
     }
@@ -249,20 +218,25 @@ static int orientation(const float *edges, float *out, int h, int w) {
     return 0;
 }
 
-static PyObject *py_orientation(PyObject *self, PyObject *args) {
+/* (image, out, height, width, radius) -> None: `fn` of a float32 map into `out`. */
+static PyObject *map_function(PyObject *args, int (*fn)(const float *, float *, int, int, int), const char *name) {
     PyObject *image_obj, *out_obj;
-    int h, w;
-    if (!PyArg_ParseTuple(args, "OOii", &image_obj, &out_obj, &h, &w)) {
+    int h, w, r;
+    if (!PyArg_ParseTuple(args, "OOiii", &image_obj, &out_obj, &h, &w, &r)) {
         return NULL;
     }
     Buffer image_buf = {.held = 0}, out_buf = {.held = 0};
     PyObject *result = NULL;
-    if (image_pair(image_obj, out_obj, h, w, &image_buf, &out_buf, "orientation") < 0) {
+    if (image_pair(image_obj, out_obj, h, w, &image_buf, &out_buf, name) < 0) {
+        goto done;
+    }
+    if (r < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: radius must be at least 1", name);
         goto done;
     }
     int failed;
     Py_BEGIN_ALLOW_THREADS
-    failed = orientation(image_buf.view.buf, out_buf.view.buf, h, w);
+    failed = fn(image_buf.view.buf, out_buf.view.buf, h, w, r);
     Py_END_ALLOW_THREADS
     if (failed) {
         PyErr_NoMemory();
@@ -275,6 +249,10 @@ done:
     release(&out_buf);
     return result;
 }
+
+static PyObject *py_conv_tri(PyObject *self, PyObject *args) { return map_function(args, conv_tri, "conv_tri"); }
+
+static PyObject *py_orientation(PyObject *self, PyObject *args) { return map_function(args, orientation, "orientation"); }
 
 /* Bilinear sample of the row-major h x w image at (x, y), coordinates clamped as the MEX kernel does. */
 static inline float interp(const float *image, int h, int w, float x, float y) {
@@ -842,7 +820,7 @@ static PyMethodDef methods[] = {
     {"conv_tri", py_conv_tri, METH_VARARGS,
      "conv_tri(image, out, height, width, radius): triangle filter with symmetric padding into `out` (float32)."},
     {"orientation", py_orientation, METH_VARARGS,
-     "orientation(edges, out, height, width): edge orientation in [0, pi) into `out` (float32)."},
+     "orientation(edges, out, height, width, radius): orientation in [0, pi) of convTri(edges, radius) into `out`."},
     {"nms", py_nms, METH_VARARGS,
      "nms(edges, orientation, out, height, width, radius, border, multiplier): edge NMS into `out` (float32)."},
     {"thin_levels", py_thin_levels, METH_VARARGS,

@@ -4,6 +4,10 @@ delta_m = (1/T) sum_t (-1)^{l_t} (M_mt,t - M_st,t) / M_st,t * 100, with l_t = 1 
 for task t's primary metric (``Task.primary_metric`` / ``Task.lower_is_better`` in
 :mod:`densemtl.tasks`: mIoU, rmse, mean angle, odsF, maxF). Positive = the multi-task model is better.
 
+Saliency enters with maxF by default (``eval.delta_m_saliency``), as the tables of ATRC, InvPT and
+TaskPrompter do; ``"mIoU"`` uses Multi-Task-Learning-PyTorch's saliency mIoU instead, for comparisons
+with that codebase's delta_m (higher is better for both).
+
 Result files are the JSON the engine writes (``results.json`` of a run, or ``densemtl evaluate --out``):
 ``{"results": {task: {metric: value, ...}, ...}, ...}``.
 """
@@ -44,7 +48,22 @@ def load_baselines(paths: Iterable[str | Path]) -> Results:
     return merged
 
 
-def delta_m(results: Results, baselines: Results, tasks: Iterable[str] | None = None) -> float:
+SALIENCY_METRICS = ("maxF", "mIoU")
+
+
+def primary_metric(task: str, saliency_metric: str = "maxF") -> str:
+    """The metric of ``task`` that delta_m compares (saliency's is ``saliency_metric``)."""
+    if task == "saliency":
+        if saliency_metric not in SALIENCY_METRICS:
+            known = ", ".join(SALIENCY_METRICS)
+            raise DataError(f"delta_m: saliency metric must be one of {known}, got '{saliency_metric}'")
+        return saliency_metric
+    return TASKS[task].primary_metric
+
+
+def delta_m(
+    results: Results, baselines: Results, tasks: Iterable[str] | None = None, saliency_metric: str = "maxF"
+) -> float:
     """delta_m in percent over ``tasks`` (default: every task in ``results``)."""
     names = list(tasks) if tasks is not None else list(results)
     if not names:
@@ -54,7 +73,7 @@ def delta_m(results: Results, baselines: Results, tasks: Iterable[str] | None = 
         if name not in TASKS:
             raise DataError(f"delta_m: unknown task '{name}' (known: {', '.join(TASKS)})")
         task = TASKS[name]
-        metric = task.primary_metric
+        metric = primary_metric(name, saliency_metric)
         for label, source in (("results", results), ("baselines", baselines)):
             if metric not in source.get(name, {}):
                 raise DataError(f"delta_m: {label} have no '{metric}' for task '{name}'")

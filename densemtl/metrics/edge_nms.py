@@ -51,7 +51,7 @@ def orientation(edges: np.ndarray) -> np.ndarray:
     """Edge orientation in [0, pi): ``mod(atan(Oyy sign(-Oxy) / (Oxx + 1e-5)), pi)`` from the second
     derivatives (numpy.gradient) of ``convTri(edges, 4)``; 0 where undefined (float32)."""
     edges, out, height, width = _float_map(edges)
-    core().orientation(edges, out, height, width)
+    core().orientation(edges, out, height, width, 4)
     return out
 
 
