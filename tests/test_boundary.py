@@ -149,6 +149,12 @@ def test_incremental_equals_separate_matchings_on_thinned_thresholds(protocol: s
     assert exact_counts(levels, gt, radius).tolist() == [_reference_matching(level, gt, radius) for level in levels]
 
 
+def test_missing_kernel_says_how_to_build_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "densemtl.metrics._boundary_core", None)
+    with pytest.raises(UserError, match=r"pip install -e \."):
+        core()
+
+
 def test_kernels_reject_bad_arguments() -> None:
     with pytest.raises(ValueError, match="increasing"):
         core().match_levels(np.zeros(1, np.int64), np.array([0, 1]), np.array([3, 2]), 2, 2, 1.0)

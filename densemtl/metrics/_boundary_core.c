@@ -533,11 +533,20 @@ done:
  *  - the pixels that join are searched (breadth-first, so augmenting paths are shortest).
  * At the end of each set no free left vertex has an augmenting path: the matching is maximum (Berge). The
  * argument in full is in densemtl/metrics/boundary_match.py. */
+#define DEAD (-1)
+
+/* A right vertex: its mate (-1 when free) and its mark: DEAD, or the stamp of the last search that reached
+ * it (kept side by side: a search reads both). */
+typedef struct {
+    int32_t mate, mark;
+} Right;
+
 typedef struct {
     const int64_t *left_ptr;
     const int32_t *left_adj;
-    int32_t *mate_left, *mate_right, *seen_right;
-    unsigned char *active, *dead;
+    int32_t *mate_left;
+    Right *right;
+    unsigned char *active;
     int32_t stamp;
     int64_t size;
     /* search space: a queue of left vertices, the left vertex each right vertex was reached from, the right
@@ -555,11 +564,12 @@ static int augment(Matching *g, int32_t start) {
         int32_t left = queue[head++];
         for (int64_t e = g->left_ptr[left]; e < g->left_ptr[left + 1]; e++) {
             int32_t right = g->left_adj[e];
-            if (g->mate_right[right] < 0) { /* free: flip the path back to `start` */
+            Right *state = g->right + right;
+            if (state->mate < 0) { /* free: flip the path back to `start` */
                 for (;;) {
                     int32_t before = g->mate_left[left];
                     g->mate_left[left] = right;
-                    g->mate_right[right] = left;
+                    g->right[right].mate = left;
                     if (left == start) {
                         return 1;
                     }
@@ -567,17 +577,17 @@ static int augment(Matching *g, int32_t start) {
                     left = parent[before];
                 }
             }
-            if (g->dead[right] || g->seen_right[right] == stamp) {
+            if (state->mark == DEAD || state->mark == stamp) {
                 continue;
             }
-            g->seen_right[right] = stamp;
+            state->mark = stamp;
             parent[right] = left;
             g->visited[visited++] = right;
-            queue[tail++] = g->mate_right[right];
+            queue[tail++] = state->mate;
         }
     }
     for (Py_ssize_t i = 0; i < visited; i++) {
-        g->dead[g->visited[i]] = 1;
+        g->right[g->visited[i]].mark = DEAD;
     }
     return 0;
 }
@@ -594,6 +604,7 @@ static PyObject *py_match_levels(PyObject *self, PyObject *args) {
     int32_t *union_id = NULL, *left_of = NULL, *left_adj = NULL, *right_of = NULL, *work = NULL;
     int64_t *left_ptr = NULL, *next = NULL, *sizes = NULL, *disk = NULL, *run_end = NULL;
     unsigned char *flags = NULL;
+    Right *rights = NULL;
     if (get_buffer(pixels_obj, &pixels_buf, 'i', 8, 0, "pixels") < 0 ||
         get_buffer(offsets_obj, &offsets_buf, 'i', 8, 0, "offsets") < 0 ||
         get_buffer(gt_obj, &gt_buf, 'i', 8, 0, "gt") < 0) {
@@ -729,9 +740,10 @@ static PyObject *py_match_levels(PyObject *self, PyObject *args) {
     /* matching state */
     int32_t num_right = (int32_t)num_gt;
     Py_ssize_t vertices = (Py_ssize_t)num_union + num_right + 2;
-    work = malloc(((size_t)num_union + (size_t)num_right * 2 + (size_t)vertices * 3) * sizeof(int32_t));
-    flags = calloc((size_t)num_union + (size_t)num_right + 1, 1);
-    if (!work || !flags) {
+    work = malloc(((size_t)num_union + (size_t)vertices * 3) * sizeof(int32_t));
+    rights = malloc(((size_t)num_right + 1) * sizeof(Right));
+    flags = calloc((size_t)num_union + 1, 1);
+    if (!work || !rights || !flags) {
         PyErr_NoMemory();
         goto done;
     }
@@ -739,13 +751,11 @@ static PyObject *py_match_levels(PyObject *self, PyObject *args) {
     g.left_ptr = left_ptr;
     g.left_adj = left_adj;
     g.mate_left = work;
-    g.mate_right = work + num_union;
-    g.seen_right = g.mate_right + num_right;
-    g.queue = g.seen_right + num_right;
+    g.queue = work + num_union;
     g.parent = g.queue + vertices;
     g.visited = g.parent + vertices;
+    g.right = rights;
     g.active = flags;
-    g.dead = flags + num_union;
     g.stamp = 0;
     g.size = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -753,8 +763,8 @@ static PyObject *py_match_levels(PyObject *self, PyObject *args) {
         g.mate_left[i] = -1;
     }
     for (int32_t i = 0; i < num_right; i++) {
-        g.mate_right[i] = -1;
-        g.seen_right[i] = 0;
+        g.right[i].mate = -1;
+        g.right[i].mark = 0;
     }
     for (Py_ssize_t k = levels - 1; k >= 0; k--) {
         /* active now marks the previous set; 2 = also in this one */
@@ -772,15 +782,15 @@ static PyObject *py_match_levels(PyObject *self, PyObject *args) {
                     int32_t right = g.mate_left[left];
                     if (right >= 0) {
                         g.mate_left[left] = -1;
-                        g.mate_right[right] = -1;
+                        g.right[right].mate = -1;
                         g.size--;
-                        reset |= g.dead[right];
+                        reset |= g.right[right].mark == DEAD;
                     }
                 }
             }
         }
-        if (reset) {
-            memset(g.dead, 0, (size_t)num_right);
+        for (int32_t i = 0; reset && i < num_right; i++) {
+            g.right[i].mark = g.right[i].mark == DEAD ? 0 : g.right[i].mark;
         }
         for (int64_t i = level_ptr[k]; i < level_ptr[k + 1]; i++) {
             int32_t left = left_of[i];
@@ -809,6 +819,7 @@ done:
     free(right_of);
     free(run_end);
     free(work);
+    free(rights);
     free(flags);
     free(sizes);
     return result;

@@ -6,19 +6,19 @@ every threshold:
 ``exact`` (:func:`exact_counts`)
     A maximum-cardinality one-to-one matching on the bipartite graph whose edges join a predicted and a
     ground-truth pixel at most ``max_dist x diagonal`` apart. Its size does not depend on the order of
-    the pixels. All thresholds are answered by one incremental matching in the compiled kernel
-    (``match_levels`` in ``_boundary_core.c``): thresholds are visited from the highest down; a predicted
-    pixel that appears gets one augmenting-path search (which keeps the matching maximum), and one that
-    disappears (thinning is not monotone) frees its partner, after which at most one search re-matches
-    it. Ground-truth pixels that a failed search visited are marked "dead" and skipped by later searches.
-    Why that is exact: every alternating path from a free predicted pixel stays among dead ground-truth
-    pixels, which are all matched and closed under "partner, then its neighbours" (a failed search adds
-    exactly such a closed set; flipping an augmenting path outside it keeps it closed). So an augmenting
-    path never enters a dead pixel, and after a removal one exists only if the freed partner is dead,
-    running through dead pixels back to a free predicted pixel; when that backward search fails, the
-    dead pixels it visited (those that reach the freed partner) stop being dead and the rest stay
-    closed. The result equals a separate maximum matching per threshold (tests compare with scipy's
-    Hopcroft-Karp).
+    the pixels. All thresholds are answered by one matching carried from set to set in the compiled
+    kernel (``match_levels`` in ``_boundary_core.c``), thresholds visited from the highest down: pixels
+    that leave are unmatched, pixels that join get a breadth-first search for an augmenting path.
+    Ground-truth pixels reached by a failed search are marked "dead" and skipped by later searches.
+    Why the result is a maximum matching for every set: between searches, every alternating path from an
+    already searched free predicted pixel stays among dead pixels, which are all matched and closed under
+    "partner, then its neighbours" (a failed search adds exactly such a closed set, and flipping an
+    augmenting path, which never enters it, leaves it closed). A pixel that leaves can only shrink these
+    reaches. If its partner was not dead, no free predicted pixel reaches the freed partner, so the
+    invariant holds and only the joining pixels need a search; if the partner was dead, the dead marks
+    are cleared and every free predicted pixel of the set is searched again. After the searches no free
+    predicted pixel has an augmenting path, so the matching is maximum (Berge). Tests compare every
+    threshold with scipy's Hopcroft-Karp.
 
 ``bsds`` (:func:`bsds_counts`)
     The original BSDS assignment (``correspondPixels``, a sparse min-cost assignment with outliers) from

@@ -11,6 +11,7 @@ precision as the MEX files do (the smoothing accumulates in double).
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
 import numpy as np
@@ -21,13 +22,12 @@ from densemtl.errors import UserError
 def core() -> ModuleType:
     """The compiled kernel module, or a UserError saying how to build it."""
     try:
-        from densemtl.metrics import _boundary_core
+        return importlib.import_module("densemtl.metrics._boundary_core")
     except ImportError:
         raise UserError(
             "densemtl's compiled boundary kernel (densemtl/metrics/_boundary_core.c) is not built: "
             "install the checkout with `pip install -e .` (needs a C compiler)"
         ) from None
-    return _boundary_core
 
 
 def _float_map(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
