@@ -100,7 +100,7 @@ def attention_cost(sizes: list[str], attention: list[str], repeats: int) -> list
 
 def train_variant(label: str, seed: int, steps: int, root: Path, extra: list[str]) -> dict[str, dict[str, float]]:
     """Train one variant (or reuse its finished run) and return its final test results."""
-    from densemtl.engine.train import run_training
+    from densemtl.engine.run import run_training
 
     run_dir = root / f"seed{seed}" / label
     result_file = run_dir / "results.json"

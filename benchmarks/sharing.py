@@ -41,11 +41,13 @@ from densemtl.data import build_dataset
 from densemtl.data.synthetic import SyntheticClips
 from densemtl.engine.evaluate import build_metrics, compute_all
 from densemtl.engine.objective import build_objective
-from densemtl.engine.train import Trainer, seed_everything
+from densemtl.engine.prepare import seed_everything
+from densemtl.engine.trainer import Trainer
 from densemtl.jsonio import write_json
 from densemtl.metrics.delta_m import delta_m
 from densemtl.models import build_model
-from densemtl.models.sharing import SharedInference, SharingModel, delta_storage
+from densemtl.models.sharing.inference import SharedInference
+from densemtl.models.sharing.model import SharingModel, delta_storage
 from densemtl.tasks import Task, build_tasks
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_sharing.yaml"

@@ -22,7 +22,7 @@ from densemtl.config import load_config
 from densemtl.data import build_dataset
 from densemtl.engine.distributed import DistInfo
 from densemtl.engine.objective import build_objective
-from densemtl.engine.train import Trainer
+from densemtl.engine.trainer import Trainer
 from densemtl.jsonio import write_json
 from densemtl.models import build_model
 from densemtl.tasks import build_tasks

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from densemtl.errors import UserError
+from densemtl.registry import DATASETS
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -19,7 +20,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.out:
         config.out_dir = args.out
-    from densemtl.engine.train import run_training
+    from densemtl.engine.run import run_training
 
     run_training(config, resume=args.resume)
     return 0
@@ -34,7 +35,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.predictions:
         synthetic = None
-        if args.dataset == "synthetic" and args.data:
+        if args.data:  # the generated scenes' settings; datasets read from --root ignore them
             from densemtl.config import load_config
 
             synthetic = load_config(args.data, args.overrides).data.synthetic
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides for --data")
     evaluate.add_argument("--predictions", help="folder of saved predictions, one sub-folder per task")
-    evaluate.add_argument("--dataset", choices=["nyud", "pascal", "synthetic"])
+    evaluate.add_argument("--dataset", choices=list(DATASETS))
     evaluate.add_argument("--root", help="dataset folder holding the ground truth")
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--tasks", nargs="+", help="tasks to score (default: those with a sub-folder)")
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=_cmd_data_synth)
     check = data_commands.add_parser("check", help="validate a dataset folder before a long run")
     check.add_argument("root")
-    check.add_argument("--dataset", choices=["nyud", "pascal"], default=None, help="default: detected")
+    check.add_argument("--dataset", choices=list(DATASETS), default=None, help="default: detected")
     check.add_argument("--quick", action="store_true", help="open a sample of the files, not all")
     check.set_defaults(func=_cmd_data_check)
     return parser

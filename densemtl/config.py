@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import yaml
 
@@ -169,68 +170,95 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _error(key: str, source: str, why: str) -> ConfigError:
+    return ConfigError(f"{source}: key '{key}': {why}")
+
+
 def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it converted (int -> float, list -> dc)."""
-
-    def fail(why: str) -> ConfigError:
-        return ConfigError(f"{source}: key '{key}': {why}")
-
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if tp is Any:
         return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, key, source)
-            except ConfigError:
-                continue
-        raise fail(f"expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise fail(f"expected one of {', '.join(map(str, args))}, got {value!r}")
-        return value
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise fail(f"expected a mapping, got {value!r}")
-        return _build(tp, value, key, source)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise fail(f"expected a list, got {value!r}")
-        return [_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise fail(f"expected a mapping, got {value!r}")
-        return {
-            _convert(args[0], k, key, source): _convert(args[1], v, f"{key}.{k}", source)
-            for k, v in value.items()
-        }
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail(f"expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise fail(f"expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise fail(f"expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise fail(f"expected a string, got {value!r}")
-        return value
-    raise fail(f"unsupported field type {_type_name(tp)}")
+        converter = _convert_section
+    else:
+        converter = _BY_ORIGIN.get(typing.get_origin(tp)) or _BY_TYPE.get(tp)
+    if converter is None:
+        raise _error(key, source, f"unsupported field type {_type_name(tp)}")
+    return converter(tp, value, key, source)
+
+
+def _convert_union(tp: Any, value: Any, key: str, source: str) -> Any:
+    """The first member type that takes ``value`` (``None`` for an optional field)."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(arg, value, key, source)
+        except ConfigError:
+            continue
+    raise _error(key, source, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _convert_literal(tp: Any, value: Any, key: str, source: str) -> Any:
+    choices = typing.get_args(tp)
+    if value not in choices:
+        raise _error(key, source, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def _convert_section(tp: Any, value: Any, key: str, source: str) -> Any:
+    if not isinstance(value, dict):
+        raise _error(key, source, f"expected a mapping, got {value!r}")
+    return _build(tp, value, key, source)
+
+
+def _convert_list(tp: Any, value: Any, key: str, source: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise _error(key, source, f"expected a list, got {value!r}")
+    (item,) = typing.get_args(tp)
+    return [_convert(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+
+
+def _convert_dict(tp: Any, value: Any, key: str, source: str) -> dict[Any, Any]:
+    if not isinstance(value, dict):
+        raise _error(key, source, f"expected a mapping, got {value!r}")
+    key_type, value_type = typing.get_args(tp)
+    return {_convert(key_type, k, key, source): _convert(value_type, v, f"{key}.{k}", source) for k, v in value.items()}
+
+
+def _convert_float(tp: Any, value: Any, key: str, source: str) -> float:
+    """A number; a string too when it parses (YAML 1.1 reads '1e-4', without a dot, as a string)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _error(key, source, f"expected a number, got {value!r}")
+    return float(value)
+
+
+_EXPECTED = {int: "an integer", bool: "true or false", str: "a string"}
+
+
+def _convert_exact(tp: Any, value: Any, key: str, source: str) -> Any:
+    """int, bool and str values are taken as they are (an int field refuses true and false)."""
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise _error(key, source, f"expected {_EXPECTED[tp]}, got {value!r}")
+    return value
+
+
+_BY_ORIGIN = {
+    typing.Union: _convert_union,
+    types.UnionType: _convert_union,
+    Literal: _convert_literal,
+    list: _convert_list,
+    dict: _convert_dict,
+}
+_BY_TYPE = {float: _convert_float, int: _convert_exact, bool: _convert_exact, str: _convert_exact}
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
@@ -321,14 +349,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(data, source)
 
 
+_Fail = Callable[[str, str], NoReturn]  # raises the ConfigError naming the key and the file
+
+
 def validate(config: Config, source: str = "<config>") -> None:
-    """Checks on values (beyond types) that would otherwise fail deep inside training."""
-    def fail(key: str, why: str) -> None:
+    """Checks on values (beyond types) that would otherwise fail deep inside training.
+
+    Names are checked against the registry tables without importing the parts; rules that belong to one
+    dataset or architecture are checked by that part when it is built (``build_dataset``, ``build_model``).
+    """
+    def fail(key: str, why: str) -> NoReturn:
         raise ConfigError(f"{source}: key '{key}': {why}")
 
     for registry, name in ((DATASETS, config.data.dataset), (ARCHITECTURES, config.model.arch),
                            (BALANCERS, config.loss.balancer)):
         registry.check(name, source)
+    for check in (_check_tasks, _check_sizes, _check_ranges):
+        check(config, fail)
+
+
+def _check_tasks(config: Config, fail: _Fail) -> None:
     if not config.data.tasks:
         fail("data.tasks", "at least one task is needed")
     for name in config.data.tasks:
@@ -339,6 +379,9 @@ def validate(config: Config, source: str = "<config>") -> None:
     for name in config.loss.weights:
         if name not in TASKS:
             fail(f"loss.weights.{name}", f"unknown task (known: {TASKS.known()})")
+
+
+def _check_sizes(config: Config, fail: _Fail) -> None:
     if config.data.crop_size is not None and (
         len(config.data.crop_size) != 2 or min(config.data.crop_size) <= 0
     ):
@@ -346,6 +389,9 @@ def validate(config: Config, source: str = "<config>") -> None:
     lo, hi = (config.data.scale_range + [None, None])[:2]
     if len(config.data.scale_range) != 2 or not 0 < lo <= hi:
         fail("data.scale_range", "expected [min, max] with 0 < min <= max")
+
+
+def _check_ranges(config: Config, fail: _Fail) -> None:
     positive = {
         "data.batch_size": config.data.batch_size,
         "data.eval_batch_size": config.data.eval_batch_size,
@@ -367,9 +413,4 @@ def validate(config: Config, source: str = "<config>") -> None:
         fail("train.ema_decay", f"must be in [0, 1), got {config.train.ema_decay}")
     if config.data.num_workers < 0:
         fail("data.num_workers", "must be >= 0")
-    if config.data.dataset == "pascal" and config.data.crop_size is None and config.data.batch_size > 1:
-        fail("data.crop_size", "PASCAL-Context images differ in size: set a crop (e.g. [512, 512]) to batch them")
-    if config.data.dataset != "synthetic" and not config.data.root:
-        fail("data.root", f"dataset '{config.data.dataset}' needs the folder holding it")
-    if config.model.arch == "sharing" and config.sharing.base_task not in config.data.tasks:
-        fail("sharing.base_task", f"'{config.sharing.base_task}' is not one of data.tasks")
+

@@ -1,4 +1,5 @@
-"""Figures written as JSON files (benchmarks, evaluations, bench): one helper so every file looks alike."""
+"""Figures written as JSON files (results, evaluations, benches, reports): one helper so every file looks
+alike and none is ever seen half-written."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from densemtl.atomic import atomic_write
+
 
 def write_json(data: Any, path: str | Path) -> Path:
-    """Write ``data`` as indented JSON to ``path`` (parent folders created); returns the path."""
+    """Write ``data`` as indented JSON to ``path`` atomically (parent folders created); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    with atomic_write(path) as stream:
+        stream.write((json.dumps(data, indent=2) + "\n").encode())
     return path

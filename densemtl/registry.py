@@ -87,7 +87,7 @@ TASKS = Registry("task", "data.tasks", {
 })
 
 DATASETS = Registry("dataset", "data.dataset", {
-    "synthetic": "densemtl.data.synthetic:SyntheticDataset",
+    "synthetic": "densemtl.data.synthetic.dataset:SyntheticDataset",
     "nyud": "densemtl.data.nyud:NYUDDataset",
     "pascal": "densemtl.data.pascal:PascalContextDataset",
 })
@@ -96,14 +96,14 @@ ARCHITECTURES = Registry("architecture", "model.arch", {
     "multitask": "densemtl.models.multitask:MULTITASK",
     "single": "densemtl.models.multitask:SINGLE",
     "mtcp": "densemtl.models.mtcp:MTCP",
-    "sharing": "densemtl.models.sharing:SHARING",
+    "sharing": "densemtl.models.sharing.architecture:SHARING",
 })
 
 BALANCERS = Registry("balancer", "loss.balancer", {
-    "fixed": "densemtl.losses.balancing:FixedBalancer",
-    "uncertainty": "densemtl.losses.balancing:UncertaintyBalancer",
-    "dwa": "densemtl.losses.balancing:DWABalancer",
-    "lps": "densemtl.losses.balancing:LPSBalancer",
-    "gradnorm": "densemtl.losses.balancing:GradNormBalancer",
+    "fixed": "densemtl.losses.balancers.fixed:FixedBalancer",
+    "uncertainty": "densemtl.losses.balancers.uncertainty:UncertaintyBalancer",
+    "dwa": "densemtl.losses.balancers.dwa:DWABalancer",
+    "lps": "densemtl.losses.balancers.lps:LPSBalancer",
+    "gradnorm": "densemtl.losses.balancers.gradnorm:GradNormBalancer",
 })
 

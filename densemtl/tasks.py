@@ -20,20 +20,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from densemtl.arrays import as_numpy, as_tensor
 from densemtl.constants import IGNORE_INDEX
 from densemtl.errors import DataError
+from densemtl.label_relations import ClassRelation, DepthRelation, LabelRelation, NormalsRelation
 from densemtl.registry import TASKS
 
 if TYPE_CHECKING:
-    from densemtl.config import EvalConfig
+    from densemtl.config import ContrastiveConfig, EvalConfig
     from densemtl.dataset_info import DatasetInfo
+    from densemtl.metrics.base import Metric
 
 
 
@@ -77,20 +80,14 @@ def colour_ramp(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarr
     return out
 
 
-def _as_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
-    return np.asarray(value)
-
-
 def _plane(value: torch.Tensor | np.ndarray) -> np.ndarray:
     """One H x W map from a tensor or array shaped H x W, 1 x H x W or 1 x 1 x H x W."""
-    array = _as_numpy(value)
+    array = as_numpy(value, torch.float32)
     return array.reshape(array.shape[-2:])
 
 
 def _normals_array(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    array = _as_numpy(value)
+    array = as_numpy(value, torch.float32)
     return array.reshape(3, *array.shape[-2:])
 
 
@@ -111,7 +108,8 @@ class Task:
     primary_metric: ClassVar[str]
     lower_is_better: ClassVar[bool] = False
     fill_value: ClassVar[float] = IGNORE_INDEX
-    is_label_map: ClassVar[bool] = False  # integer map resized with nearest neighbour
+    target_channels: ClassVar[int] = 1  # of a float target C x H x W (a label map is H x W)
+    costly_metric: ClassVar[bool] = False  # seconds per image: validation may skip it (eval.boundary_during_training)
     num_classes: int = 1
 
     @property
@@ -126,8 +124,13 @@ class Task:
         """Turn raw head outputs into the prediction the metrics and the writers take."""
         return raw
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         raise NotImplementedError
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation | None:
+        """How this task's labels make pixel pairs positive or negative for the contrastive regularizer
+        (``thresholds``: its similarity thresholds); None when the labels give no such rule."""
+        return None
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         """An RGB uint8 H x W x 3 picture of one prediction or target."""
@@ -151,6 +154,38 @@ class Task:
 
     extensions: ClassVar[tuple[str, ...]] = (".png",)
 
+    # Hooks of the data layer (transforms, ``data check``): class methods, as data code holds task classes.
+
+    @classmethod
+    def to_target(cls, value: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """A loader's raw target as this task's target: float32 C x H x W (H x W accepted when C is 1)."""
+        tensor = as_tensor(value).float()
+        if tensor.ndim == 2 and cls.target_channels == 1:
+            tensor = tensor[None]
+        if tensor.ndim != 3 or tensor.shape[0] != cls.target_channels:
+            raise DataError(
+                f"target '{cls.name}': expected {cls.target_channels} x H x W, got shape {tuple(tensor.shape)}"
+            )
+        return tensor
+
+    @classmethod
+    def resize_target(cls, target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``target`` resampled to ``size`` by nearest neighbour, which keeps every value exact."""
+        batched = target[None, None] if target.ndim == 2 else target[None]
+        resized = F.interpolate(batched.float(), size=size, mode="nearest-exact")
+        resized = resized[0, 0] if target.ndim == 2 else resized[0]
+        return resized.to(target.dtype)
+
+    @classmethod
+    def flip_target(cls, target: torch.Tensor) -> torch.Tensor:
+        """``target`` of an image mirrored left-right."""
+        return target.flip(-1)
+
+    @classmethod
+    def target_problems(cls, target: np.ndarray, path: Path) -> list[str]:
+        """Implausible values of a target read from ``path``, one message each (``densemtl data check``)."""
+        return []
+
 
 def _valid_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over ``valid`` pixels; zero (with gradient) when none is valid."""
@@ -162,7 +197,6 @@ def _valid_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class ClassMapTask(Task):
     """Per-pixel classification (cross-entropy, ignore 255)."""
 
-    is_label_map: ClassVar[bool] = True
     primary_metric: ClassVar[str] = "mIoU"
     class_names: tuple[str, ...] | None = None
 
@@ -174,10 +208,22 @@ class ClassMapTask(Task):
     def predict(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.argmax(dim=1)
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    @classmethod
+    def to_target(cls, value: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """An int64 H x W label map (1 x H x W accepted)."""
+        tensor = as_tensor(value)
+        tensor = tensor.squeeze(0) if tensor.ndim == 3 and tensor.shape[0] == 1 else tensor
+        if tensor.ndim != 2:
+            raise DataError(f"target '{cls.name}': expected an H x W label map, got shape {tuple(tensor.shape)}")
+        return tensor.long()
+
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.semseg import ConfusionMetric
 
         return ConfusionMetric(self.num_classes, class_names=self.class_names)
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return ClassRelation(binary=False)
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         labels = _plane(value).astype(np.int64)
@@ -218,14 +264,34 @@ class DepthTask(Task):
     lower_is_better: ClassVar[bool] = True
     fill_value: ClassVar[float] = 0.0
     extensions: ClassVar[tuple[str, ...]] = (".npy", ".png")
+    max_plausible: ClassVar[float] = 100.0  # metres; more suggests millimetres stored as metres
 
     def loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _valid_mean((raw.float() - target).abs(), target > 0)
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    @classmethod
+    def resize_target(cls, target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Bilinear over valid depths only (0 = no measurement stays 0 where most of the area is invalid)."""
+        valid = (target > 0).float()
+        weight = F.interpolate(valid[None], size=size, mode="bilinear", align_corners=False)[0]
+        total = F.interpolate((target * valid)[None], size=size, mode="bilinear", align_corners=False)[0]
+        return torch.where(weight > 0.5, total / weight.clamp_min(1e-6), torch.zeros_like(total))
+
+    @classmethod
+    def target_problems(cls, target: np.ndarray, path: Path) -> list[str]:
+        if not (target > 0).any():
+            return [f"{path}: no valid depth pixel"]
+        if target.max() > cls.max_plausible:
+            return [f"{path}: depth up to {target.max():.1f} m, expected metres (millimetres stored?)"]
+        return []
+
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.depth import DepthMetric
 
         return DepthMetric()
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return DepthRelation(thresholds.depth_positive, thresholds.depth_negative)
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         depth = _plane(value)
@@ -264,6 +330,9 @@ class NormalsTask(Task):
     lower_is_better: ClassVar[bool] = True
     fill_value: ClassVar[float] = 0.0
     extensions: ClassVar[tuple[str, ...]] = (".png", ".npy")
+    target_channels: ClassVar[int] = 3
+    unit_tolerance: ClassVar[float] = 0.1  # allowed | |n| - 1 | (8-bit PNG quantisation stays under 0.01)
+    off_unit_fraction: ClassVar[float] = 0.01  # share of valid pixels allowed off unit length
     num_classes: int = 3
     cosine_loss: bool = False
 
@@ -277,10 +346,28 @@ class NormalsTask(Task):
     def predict(self, raw: torch.Tensor) -> torch.Tensor:
         return F.normalize(raw.float(), dim=1)
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    @classmethod
+    def flip_target(cls, target: torch.Tensor) -> torch.Tensor:
+        """Mirrored, with x negated: the camera frame's x points to the right of the image."""
+        return target.flip(-1) * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+
+    @classmethod
+    def target_problems(cls, target: np.ndarray, path: Path) -> list[str]:
+        norm = np.linalg.norm(target, axis=0)
+        valid = norm > 0
+        off = np.abs(norm[valid] - 1) > cls.unit_tolerance
+        if valid.any() and off.mean() > cls.off_unit_fraction:
+            return [f"{path}: {100 * off.mean():.1f}% of valid normals are not unit length "
+                    f"(median |n| = {np.median(norm[valid]):.3f})"]
+        return []
+
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.normals import NormalsMetric
 
         return NormalsMetric()
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return NormalsRelation(thresholds.normals_positive_deg, thresholds.normals_negative_deg)
 
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         return encode_normals(_normals_array(value))
@@ -338,6 +425,9 @@ class ProbabilityMapTask(Task):
     def predict(self, raw: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(raw.float())
 
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return ClassRelation(binary=True)
+
     def colorize(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
         array = _plane(value).astype(np.float32)
         grey = np.where(array == IGNORE_INDEX, 0.5, np.clip(array, 0, 1))
@@ -364,12 +454,19 @@ class EdgeTask(ProbabilityMapTask):
     name: ClassVar[str] = "edge"
     default_weight: ClassVar[float] = 50.0
     primary_metric: ClassVar[str] = "odsF"
+    costly_metric: ClassVar[bool] = True
     pos_weight: float = 0.95
 
     def loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _masked_bce(raw, target, self.pos_weight)
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    @classmethod
+    def target_problems(cls, target: np.ndarray, path: Path) -> list[str]:
+        if ((target < 0) | (target > 1)).any():
+            return [f"{path}: edge values outside [0, 1] (min {target.min():.3g}, max {target.max():.3g})"]
+        return []
+
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.boundary import BoundaryMetric
 
         max_dist = eval_config.boundary_max_dist or info.boundary_max_dist
@@ -392,7 +489,7 @@ class SaliencyTask(ProbabilityMapTask):
     def loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _masked_bce(raw, target, pos_weight=None)
 
-    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Any:
+    def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.saliency import SaliencyMetric
 
         return SaliencyMetric(thresholds=eval_config.saliency_thresholds)

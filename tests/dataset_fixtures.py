@@ -4,7 +4,7 @@ The real datasets cannot be downloaded here, so tests write small fixtures and c
 data checker and the evaluation of saved predictions against them. Every writer returns the targets a
 correct loader must produce (the conventions of :mod:`densemtl.tasks`), so a test can compare exactly.
 
-Layouts (DESIGN.md section 4):
+Layouts (as the README describes them):
 
 * NYUD ``"NYUD_MT"`` (MTI-Net): ``images/*.jpg``, ``segmentation/*.png``, ``depth/*.npy`` (metres),
   ``normals/*.npy`` (float H x W x 3), ``edge/*.npy`` (float H x W), ``gt_sets/{train,val}.txt``.

@@ -10,7 +10,10 @@ from torch import nn
 
 from densemtl.config import LossConfig
 from densemtl.errors import ConfigError
-from densemtl.losses.balancing import BALANCERS, build_balancer, lps_spread
+from densemtl.losses.balancers import build_balancer
+from densemtl.losses.balancers.base import Balancer
+from densemtl.losses.balancers.lps import lps_spread
+from densemtl.registry import BALANCERS
 
 TASKS = ["semseg", "depth", "edge"]
 
@@ -258,3 +261,34 @@ def test_gradnorm_last_parameters_restricts_the_norms():
     assert run({}, extra=True) != pytest.approx(run({}, extra=False))
     with pytest.raises(ConfigError, match="last_parameters"):
         build_balancer(_config("gradnorm", last_parameters=-1), TASKS)
+
+
+class HalfBalancer(Balancer):
+    """A toy scheme defined outside the package: every base weight times ``factor``."""
+
+    name = "half"
+
+    def __init__(self, task_names: list[str], base_weights: dict[str, float], *, factor: float = 0.5) -> None:
+        super().__init__(task_names, base_weights)
+        self.factor = factor
+
+    def combine(self, losses, step, shared_parameters=None):
+        stacked = self._stack(losses)
+        weights = self.factor * self.base
+        return (weights * stacked).sum(), self._as_dict(weights)
+
+
+def test_a_new_scheme_is_one_class_and_one_registry_row():
+    BALANCERS.register("half", HalfBalancer)
+    try:
+        balancer = build_balancer(_config("half", factor="0.25"), TASKS)  # options typed from the signature
+        total, weights = balancer.combine({t: torch.tensor(2.0) for t in TASKS}, 0)
+        assert isinstance(balancer, HalfBalancer) and balancer.factor == 0.25
+        assert weights == {"semseg": 0.25, "depth": 0.25, "edge": 12.5}
+        assert total.item() == pytest.approx(2.0 * (0.25 + 0.25 + 12.5))
+        with pytest.raises(ConfigError, match="unknown option for 'half'"):
+            build_balancer(_config("half", window=3), TASKS)
+    finally:
+        BALANCERS.unregister("half")
+    with pytest.raises(ConfigError, match="unknown balancer 'half'"):
+        build_balancer(_config("half"), TASKS)

@@ -12,19 +12,19 @@ import torch
 from densemtl.engine import checkpoint
 from densemtl.engine.checkpoint import capture_rng, load_checkpoint, load_model, restore_rng, save_checkpoint
 from densemtl.errors import UserError
-from tests.test_train import make_trainer, tiny_config
+from tests.conftest import make_trainer, tiny_config
 
 
 def test_training_checkpoint_holds_every_piece_and_loads_weights_only(tmp_path: Path) -> None:
     trainer = make_trainer(tiny_config(tmp_path, "train.steps=2", "train.ema_decay=0.5", "loss.balancer=uncertainty"))
     trainer.fit()
     state = load_checkpoint(Path(trainer.run_dir) / "checkpoints" / "last.pt")  # weights_only=True inside
-    expected = {"config", "info", "model", "optimizer", "scheduler", "scaler", "balancer", "ema", "rng", "step",
+    expected = {"config", "info", "model", "optimizer", "scheduler", "scaler", "objective", "ema", "rng", "step",
                 "data_position"}
     assert expected <= set(state)
     assert isinstance(state["config"], dict) and state["config"]["train"]["steps"] == 2
     assert state["step"] == 2 and state["data_position"] == {"epoch": 0, "batch": 2}
-    assert any("log_var" in key for key in state["balancer"])  # learnable balancer state is kept
+    assert any("log_var" in key for key in state["objective"])  # learnable balancer state is kept
     loaded = load_model(Path(trainer.run_dir) / "checkpoints" / "last.pt")
     ema = trainer.ema.model.state_dict()
     assert all(torch.equal(ema[k], v) for k, v in loaded.model.state_dict().items())  # predicts with the EMA
@@ -36,6 +36,19 @@ def test_rng_states_round_trip() -> None:
     first = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
     restore_rng(state)
     assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == first
+
+
+def test_a_checkpoint_with_the_older_balancer_key_resumes(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "train.steps=1", "loss.balancer=uncertainty")
+    make_trainer(config).fit()
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    state["balancer"] = state.pop("objective")
+    save_checkpoint(path, state)
+    resumed = make_trainer(config)
+    resumed.resume()
+    for key, value in resumed.objective.state_dict().items():
+        assert torch.equal(value, state["balancer"][key]), key
 
 
 def test_rng_state_survives_a_weights_only_file(tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ def test_help_lists_every_command(capsys):
         (["train", "/nonexistent.yaml"], "/nonexistent.yaml"),
         (["train", "{config}", "train.lr=abc"], "train.lr"),
         (["train", "{config}", "data.tasks=[sky]"], "sky"),
+        (["train", "{config}", "data.dataset=nyud", "--out", "{tmp}/run"], "data.root"),
+        (["train", "{config}", "model.arch=sharing", "data.tasks=[depth]", "--out", "{tmp}/run"], "sharing.base_task"),
         (["evaluate"], "--checkpoint"),
         (["evaluate", "--predictions", "somewhere"], "--dataset"),
         (["evaluate", "--predictions", "{tmp}", "--dataset", "nyud"], "--root"),
@@ -40,7 +42,7 @@ def test_overrides_may_follow_options(tmp_path, monkeypatch):
     def fake_training(config, resume):
         seen.update(lr=config.train.lr, out=config.out_dir, resume=resume)
 
-    monkeypatch.setattr("densemtl.engine.train.run_training", fake_training)
+    monkeypatch.setattr("densemtl.engine.run.run_training", fake_training)
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  steps: 1\n")
     assert main(["train", str(config), "--out", str(tmp_path / "run"), "train.lr=0.25", "--resume"]) == 0

@@ -37,7 +37,6 @@ def test_base_file_is_merged(tmp_path):
         ("train:\n  amp: fp8\n", "train.amp"),
         ("data:\n  tasks: [semseg, sky]\n", "sky"),
         ("data:\n  batch_size: 0\n", "data.batch_size"),
-        ("data:\n  dataset: nyud\n", "data.root"),
         ("model: 3\n", "model"),
         ("- a\n- b\n", "mapping"),
         ("train: [\n", "not valid YAML"),

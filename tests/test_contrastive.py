@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -17,13 +19,11 @@ from densemtl.engine.bench import run_bench
 from densemtl.engine.checkpoint import load_checkpoint, load_model
 from densemtl.engine.distributed import DistInfo
 from densemtl.engine.objective import build_objective
-from densemtl.engine.train import Trainer
+from densemtl.engine.trainer import Trainer
 from densemtl.errors import ConfigError
+from densemtl.label_relations import ClassRelation, DepthRelation, LabelRelation, NormalsRelation
 from densemtl.losses.contrastive import (
-    ClassRelation,
     ContrastiveRegularizer,
-    DepthRelation,
-    NormalsRelation,
     build_relation,
     infonce_loss,
     labels_at,
@@ -31,7 +31,7 @@ from densemtl.losses.contrastive import (
     triplet_loss,
 )
 from densemtl.models import build_model
-from densemtl.tasks import IGNORE_INDEX, build_tasks
+from densemtl.tasks import IGNORE_INDEX, Task, build_tasks
 
 INFO = DatasetInfo("toy", ("semseg", "depth", "normals", "edge", "saliency"), num_classes={"semseg": 4})
 TASKS = build_tasks(list(INFO.tasks), INFO)
@@ -272,6 +272,49 @@ def test_bad_settings_are_config_errors() -> None:
         reg({"semseg": torch.randn(B, 8, 8, 12)}, toy_batch())
 
 
+class SignRelation(LabelRelation):
+    """A toy rule: pixels whose signed label has the same sign are positives (0 = invalid)."""
+
+    def valid(self, target: torch.Tensor) -> torch.Tensor:
+        return target[:, 0] != 0
+
+    def relate(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        same = values[:, 0].sign()[:, None] == values[:, 0].sign()[None, :]
+        return same & ~torch.eye(len(values), dtype=torch.bool), ~same
+
+
+@dataclass(frozen=True)
+class SignedTask(Task):
+    """A task class defined outside densemtl that brings its own contrastive rule."""
+
+    name: ClassVar[str] = "signed"
+
+    def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation:
+        return SignRelation()
+
+
+@dataclass(frozen=True)
+class RulelessTask(Task):
+    name: ClassVar[str] = "ruleless"
+
+
+def test_a_task_class_brings_its_own_rule_for_positives_and_negatives() -> None:
+    tasks = {"semseg": TASKS["semseg"], "signed": SignedTask()}
+    reg = ContrastiveRegularizer(ContrastiveConfig(enabled=True, num_pixels=64, seed=0), tasks, {t: 8 for t in tasks})
+    identity_projectors(reg)
+    signed = torch.where(toy_batch()["saliency"] > 0.5, 1.0, -1.0)
+    signed[..., :8, :] = 0.0  # invalid: never sampled
+    sample = sample_pixels(reg.relations["signed"], signed, 100, torch.Generator().manual_seed(0))
+    assert (signed[sample[0], 0, sample[1], sample[2]] != 0).all()
+    one_hot = torch.cat([signed > 0, signed < 0, torch.zeros(B, 6, H, W, dtype=torch.bool)], dim=1).float()
+    features = one_hot[:, :, ::STRIDE, ::STRIDE]
+    loss, usable = reg.pair_loss("semseg", "signed", features, signed, torch.Generator().manual_seed(1))
+    assert usable and loss.item() < 0.05  # features that encode the sign satisfy the toy rule
+    with pytest.raises(ConfigError, match="task 'ruleless' has no rule for positives and negatives"):
+        ContrastiveRegularizer(ContrastiveConfig(), {"semseg": TASKS["semseg"], "ruleless": RulelessTask()},
+                               {"semseg": 8, "ruleless": 8})
+
+
 def tiny_config(tmp_path: Path, *overrides: str) -> Config:
     """A unit-test-sized synthetic run with the regularizer on: 32x48 frames, batch 4, the CPU backbone."""
     return load_config(
@@ -306,7 +349,7 @@ def test_training_updates_the_projectors_but_the_saved_model_has_none(tmp_path: 
     plain = build_model(tiny_config(tmp_path, "contrastive.enabled=false"), train_set.info, tasks)
     assert set(state["model"]) == set(plain.state_dict())  # no projector in the inference weights
     assert not any("projector" in key for key in state["model"])
-    saved = {k.removeprefix("regularizer."): v for k, v in state["balancer"].items() if k.startswith("regularizer.")}
+    saved = {k.removeprefix("regularizer."): v for k, v in state["objective"].items() if k.startswith("regularizer.")}
     assert saved["calls"] == 3
     changed = [k for k in before if k != "calls" and not torch.equal(before[k], saved[k])]
     assert changed  # the optimiser reached the projectors drawn during the 3 steps

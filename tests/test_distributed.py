@@ -24,7 +24,7 @@ from densemtl.engine import distributed
 from densemtl.engine.checkpoint import load_checkpoint
 from densemtl.engine.distributed import DistInfo, ResumableSampler
 from densemtl.tasks import Task
-from tests.test_train import make_trainer, read_log, tiny_config
+from tests.conftest import make_trainer, read_log, tiny_config
 
 OVERRIDES = ["data.tasks=[semseg,depth]", "data.flip=false", "train.steps=3", "train.lr=1e-2", "train.warmup_steps=0"]
 PER_RANK_BATCH = 2

@@ -11,13 +11,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from densemtl.config import EvalConfig
+from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import DataError
+from densemtl.metrics.base import CountMetric, Metric
 from densemtl.metrics.boundary import BoundaryMetric
 from densemtl.metrics.delta_m import delta_m, load_baselines, load_results
 from densemtl.metrics.depth import DepthMetric
 from densemtl.metrics.normals import NormalsMetric
 from densemtl.metrics.saliency import SaliencyMetric
 from densemtl.metrics.semseg import ConfusionMetric
+from densemtl.registry import TASKS as TASK_TABLE
+from densemtl.tasks import build_tasks
 
 
 def test_confusion_known_ious() -> None:
@@ -205,6 +210,44 @@ def test_two_process_gloo_reduction(tmp_path) -> None:
     single = _scores([_random_batch(np.random.default_rng(2), 4)])
     for name in single:
         assert reduced[name] == pytest.approx(single[name], rel=1e-9, abs=1e-9), name
+
+
+def test_every_task_metric_is_a_metric_whose_reset_restores_its_declared_zeros() -> None:
+    info = DatasetInfo("toy", tuple(TASK_TABLE), num_classes={"semseg": 5, "human_parts": 2})
+    batch = _random_batch(np.random.default_rng(3), 2)
+    for name in TASK_TABLE:
+        metric = build_tasks([name], info)[name].build_metric(info, EvalConfig(boundary_thresholds=5))
+        assert isinstance(metric, Metric) and isinstance(metric, CountMetric), name
+        zeros = {key: value.clone() for key, value in metric.counts.items()}
+        assert zeros and not any(value.any() for value in zeros.values())
+        if name in batch:
+            metric.update(*batch[name])
+            assert any(value.any() for value in metric.counts.values()), name
+        metric.reset()
+        assert metric.counts.keys() == zeros.keys()
+        for key, value in metric.counts.items():
+            assert value.dtype == zeros[key].dtype and value.equal(zeros[key]), (name, key)
+
+
+def test_a_metric_declares_its_counts_and_sums_them() -> None:
+    class PixelCount(CountMetric):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("pixels", torch.zeros((), dtype=torch.int64))
+
+        def update(self, pred, target) -> None:
+            self.add("pixels", np.asarray(target).size)
+
+        def compute(self) -> dict[str, float]:
+            return {"pixels": float(self.counts["pixels"])}
+
+    metric = PixelCount()
+    for _ in range(3):
+        metric.update(None, np.zeros((2, 4)))
+    metric.sync()  # outside torch.distributed: nothing to combine
+    assert metric.compute() == {"pixels": 24.0} and "24.0000" in metric.table()
+    metric.reset()
+    assert metric.compute() == {"pixels": 0.0}
 
 
 def test_delta_m_sign_convention(tmp_path) -> None:

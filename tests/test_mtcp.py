@@ -111,7 +111,7 @@ def test_config_trains_end_to_end(tmp_path):
     from pathlib import Path
 
     from densemtl.config import load_config
-    from densemtl.engine.train import run_training
+    from densemtl.engine.run import run_training
 
     config_path = Path(__file__).resolve().parents[1] / "configs" / "synthetic_mtcp.yaml"
     overrides = [
@@ -139,5 +139,5 @@ def test_config_trains_end_to_end(tmp_path):
     log = (tmp_path / "run" / "log.jsonl").read_text()
     assert '"loss/edge_intermediate"' in log and '"weight/edge"' in log
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
-    balancer = {k: v for k, v in state["balancer"].items() if k.startswith("balancer.")}
+    balancer = {k: v for k, v in state["objective"].items() if k.startswith("balancer.")}
     assert int(balancer["balancer.completed"]) == 3  # windows of one step: closed at steps 1, 2, 3

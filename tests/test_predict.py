@@ -17,7 +17,7 @@ from densemtl.engine.checkpoint import load_model
 from densemtl.engine.evaluate import evaluate_model, evaluate_predictions
 from densemtl.engine.predict import predict_images
 from densemtl.errors import DataError, UserError
-from tests.test_train import make_trainer, tiny_config
+from tests.conftest import make_trainer, tiny_config
 
 
 @pytest.fixture(scope="module")

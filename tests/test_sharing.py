@@ -12,41 +12,11 @@ from densemtl.data.synthetic import synthetic_info
 from densemtl.errors import ConfigError
 from densemtl.models import build_model
 from densemtl.models.hard_concrete import HardConcreteGate
-from densemtl.models.sharing import (
-    ReuseExecutor,
-    SharedInference,
-    SharingModel,
-    WeightCorrection,
-    delta_storage,
-)
+from densemtl.models.sharing.inference import ReuseExecutor, SharedInference, WeightCorrection
+from densemtl.models.sharing.model import SharingModel, delta_storage
 from densemtl.models.vit_blocks import DenseExecutor, LinearRef
 from densemtl.tasks import build_tasks
-
-TINY = [
-    "model.arch=sharing",
-    "data.tasks=[semseg,depth,edge]",
-    "model.backbone_args={hidden_size: 24, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 48,"
-    " patch_size: 8}",
-    "model.head_channels=8",
-    "data.synthetic.height=32",
-    "data.synthetic.width=48",
-]
-
-
-def tiny_model(overrides: list[str] | None = None, trained: bool = True) -> SharingModel:
-    """A tiny sharing model; ``trained`` fakes phase 1 (random deltas, about 7% of the gates open)."""
-    torch.manual_seed(0)
-    config = load_config(None, TINY + (overrides or []))
-    info = synthetic_info()
-    model = build_model(config, info, build_tasks(config.data.tasks, info))
-    if trained:
-        with torch.no_grad():
-            for deltas in model.deltas.values():
-                for delta in deltas.values():
-                    delta.delta.normal_(0.0, 0.05)
-                    delta.gate.raw.copy_((torch.randn_like(delta.gate.raw) * 2.0 - 3.0) / delta.gate.scale)
-        model.set_phase(2)
-    return model.eval()
+from tests.conftest import tiny_model
 
 
 def test_hard_concrete_expected_l0_falls_under_its_penalty() -> None:

@@ -9,10 +9,10 @@ import torch
 
 from densemtl.config import load_config
 from densemtl.engine.checkpoint import load_checkpoint, load_model
-from densemtl.engine.sharing import phase_dir
-from densemtl.engine.train import run_training
-from densemtl.models.sharing import PHASES, SharingModel
-from tests.test_sharing import TINY
+from densemtl.engine.phased import phase_dir
+from densemtl.engine.run import run_training
+from densemtl.models.sharing.model import PHASES, SharingModel
+from tests.conftest import TINY
 
 
 def test_pipeline_runs_phases_in_order_and_resumes(tmp_path: Path, capsys) -> None:
@@ -32,7 +32,7 @@ def test_pipeline_runs_phases_in_order_and_resumes(tmp_path: Path, capsys) -> No
     assert set(results) == set(config.data.tasks)
     run_dir = tmp_path / "run"
     for phase in range(len(PHASES)):
-        state = load_checkpoint(phase_dir(run_dir, phase) / "checkpoints" / "last.pt")
+        state = load_checkpoint(phase_dir(run_dir, phase, PHASES[phase]) / "checkpoints" / "last.pt")
         assert state["step"] == 2 and int(state["model"]["phase"]) == phase
     final = load_model(run_dir / "checkpoints" / "last.pt")
     assert isinstance(final.model, SharingModel) and int(final.model.phase) == 3
@@ -40,9 +40,9 @@ def test_pipeline_runs_phases_in_order_and_resumes(tmp_path: Path, capsys) -> No
     assert (run_dir / "results.json").exists()
 
     # An interruption during the last phase: resume loads phases 0-2 and trains only phase 3 again.
-    first = phase_dir(run_dir, 0) / "checkpoints" / "last.pt"
+    first = phase_dir(run_dir, 0, PHASES[0]) / "checkpoints" / "last.pt"
     stamp = first.stat().st_mtime_ns
-    (phase_dir(run_dir, 3) / "checkpoints" / "last.pt").unlink()
+    (phase_dir(run_dir, 3, PHASES[3]) / "checkpoints" / "last.pt").unlink()
     capsys.readouterr()
     again = run_training(config, resume=True)
     printed = capsys.readouterr().out

@@ -1,5 +1,6 @@
 """The synthetic scenes: labels geometrically consistent, deterministic, smooth clips, cache, export."""
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -8,12 +9,11 @@ import torch
 from PIL import Image
 
 from densemtl.config import DataConfig, SyntheticConfig
-from densemtl.data import synthetic
 from densemtl.data.export import export_synthetic
 from densemtl.data.synthetic import (
     CLASS_NAMES,
     DEPTH_JUMP,
-    FOCAL_AT_640,
+    GENERATOR_VERSION,
     SALIENT_CLASSES,
     SyntheticClips,
     SyntheticDataset,
@@ -21,8 +21,10 @@ from densemtl.data.synthetic import (
     render_clip,
     render_frame,
 )
+from densemtl.data.synthetic import dataset as synthetic
 from densemtl.errors import DataError
 from densemtl.tasks import IGNORE_INDEX, build_tasks
+from tests.conftest import angles_deg, label_interior, normals_from_depth
 
 FULL = SyntheticConfig()  # the default 96 x 128 frames, for the geometry checks
 
@@ -34,40 +36,11 @@ def _small(tmp_path: Path, **changes) -> SyntheticConfig:
     return SyntheticConfig(**params)
 
 
-def normals_from_depth(depth: np.ndarray) -> np.ndarray:
-    """Camera-frame normals (x right, y up, z to the viewer) of the surface a z-depth map describes,
-    by central differences of the back-projected points; 3 x (H-2) x (W-2), facing the camera."""
-    height, width = depth.shape
-    focal = FOCAL_AT_640 * width / 640
-    cols, rows = np.meshgrid(np.arange(width) + 0.5 - width / 2, np.arange(height) + 0.5 - height / 2)
-    points = np.stack([cols / focal * depth, -rows / focal * depth, -depth])
-    along_x = points[:, 1:-1, 2:] - points[:, 1:-1, :-2]
-    along_y = points[:, 2:, 1:-1] - points[:, :-2, 1:-1]
-    normals = np.cross(along_x, along_y, axis=0)
-    normals /= np.linalg.norm(normals, axis=0, keepdims=True)
-    return normals * -np.sign((normals * points[:, 1:-1, 1:-1]).sum(axis=0))
-
-
-def _interior(labels: np.ndarray) -> np.ndarray:
-    """Pixels (without the 1-pixel border) whose 3 x 3 neighbourhood has one label."""
-    height, width = labels.shape
-    centre = labels[1:-1, 1:-1]
-    same = np.ones(centre.shape, bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            same &= labels[1 + dy : height - 1 + dy, 1 + dx : width - 1 + dx] == centre
-    return same
-
-
-def _angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.degrees(np.arccos(np.clip((a * b).sum(axis=0), -1, 1)))
-
-
 @pytest.mark.parametrize("index", [0, 1, 2])
 def test_rendered_normals_agree_with_the_depth_map(index):
     frame = render_frame(FULL, "train", index)
-    angles = _angles(normals_from_depth(frame["depth"]), frame["normals"][:, 1:-1, 1:-1])
-    inside = _interior(frame["instance"].astype(np.int64)) & (frame["edge"][1:-1, 1:-1] == 0)
+    angles = angles_deg(normals_from_depth(frame["depth"]), frame["normals"][:, 1:-1, 1:-1])
+    inside = label_interior(frame["instance"].astype(np.int64)) & (frame["edge"][1:-1, 1:-1] == 0)
     assert inside.mean() > 0.7
     assert np.median(angles[inside]) < 1.0
     assert np.mean(angles[inside] < 5.0) > 0.9
@@ -212,3 +185,34 @@ def test_export_writes_the_nyud_layout(tmp_path):
     grid = np.asarray(Image.open(out / "grid.png"))
     assert grid.shape == (2 * 24 + 2, 6 * 32 + 5 * 2, 3)
     assert IGNORE_INDEX not in segmentation
+
+
+# First 16 hex digits of the sha256 of every array (dtype, shape and bytes) of two small frames, as rendered
+# by generator version 3 before data/synthetic.py was split into a package. A change to the generator that
+# alters any array must bump GENERATOR_VERSION (so stale caches are not read) and update these digests.
+PINNED_VERSION = 3
+PINNED_FRAME = {  # render_frame(PIN_CONFIG, "train", 0)
+    "image": "b150d71c3c528e09", "semseg": "eeabef58f5195c0a", "depth": "741cc9859b39ad83",
+    "normals": "be5f577555ca0d31", "edge": "8889a7a71c3fcce2", "saliency": "9928981162779f82",
+    "instance": "c7d1191d656384d5",
+}
+PINNED_CLIP_FRAME = {  # render_clip(PIN_CONFIG, 1)[2]
+    "image": "53373efbaed94f02", "semseg": "6a1c55838f0f6158", "depth": "38b3e037baaa6f15",
+    "normals": "8cfd76a1bd262661", "edge": "39a3dc5750abfbf2", "saliency": "8e51559d31f6ebae",
+    "instance": "bd64a98fbfb2c315",
+}
+PIN_CONFIG = SyntheticConfig(height=24, width=32, seed=5, clip_length=3)
+
+
+def _digests(frame: dict) -> dict[str, str]:
+    def digest(array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        return hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + array.tobytes()).hexdigest()[:16]
+
+    return {key: digest(value) for key, value in frame.items()}
+
+
+def test_rendered_frames_are_pinned_to_the_generator_version():
+    assert GENERATOR_VERSION == PINNED_VERSION
+    assert _digests(render_frame(PIN_CONFIG, "train", 0)) == PINNED_FRAME
+    assert _digests(render_clip(PIN_CONFIG, 1)[2]) == PINNED_CLIP_FRAME

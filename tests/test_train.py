@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -13,50 +12,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from densemtl.config import Config, load_config
 from densemtl.data import build_dataset
 from densemtl.engine.checkpoint import load_checkpoint
-from densemtl.engine.distributed import DistInfo
-from densemtl.engine.objective import Objective, build_objective, resize_target
+from densemtl.engine.objective import Objective, resize_target
 from densemtl.engine.schedule import lr_factor
-from densemtl.engine.train import Trainer, parameter_groups
+from densemtl.engine.trainer import Trainer, parameter_groups
 from densemtl.errors import ConfigError, TrainingDiverged
-from densemtl.losses.balancing import build_balancer
-from densemtl.models import build_model
+from densemtl.losses.balancers import build_balancer
 from densemtl.tasks import DepthTask, build_tasks
-
-
-def tiny_config(tmp_path: Path, *overrides: str) -> Config:
-    """A config small enough for a unit test: 32x48 synthetic frames, the CPU backbone, batch 4."""
-    base = [
-        "data.synthetic.height=32", "data.synthetic.width=48", "data.synthetic.num_train=12",
-        "data.synthetic.num_val=4", "data.synthetic.num_test=2", f"data.synthetic.cache_dir={tmp_path / 'cache'}",
-        "data.tasks=[semseg,depth,normals,edge]", "data.batch_size=4", "model.backbone=resnet-tiny",
-        "model.neck_channels=16", "model.head_channels=16", "train.device=cpu", "train.steps=6",
-        "train.warmup_steps=2", "train.log_every=1", "train.eval_every=1000", "train.checkpoint_every=1000",
-        f"out_dir={tmp_path / 'run'}",
-    ]
-    return load_config(None, base + list(overrides))
-
-
-def make_trainer(
-    config: Config, run_dir: Path | None = None, model_class: type[nn.Module] | None = None, **kwargs: Any
-) -> Trainer:
-    """A CPU trainer for ``config`` on its synthetic data (seeded like run_training); one process unless
-    ``dist_info`` is given. ``model_class(tasks)`` replaces the config's model."""
-    torch.manual_seed(config.train.seed)
-    train_set = build_dataset(config.data, "train", train=True)
-    tasks = build_tasks(config.data.tasks, train_set.info, config.loss.normals_loss)
-    model = model_class(tasks) if model_class else build_model(config, train_set.info, tasks)
-    objective = build_objective(config, tasks, model.feature_channels)
-    kwargs.setdefault("dist_info", DistInfo())
-    kwargs.setdefault("device", torch.device("cpu"))
-    return Trainer(config, model, objective, train_set, run_dir or Path(config.out_dir), info=train_set.info, **kwargs)
-
-
-def read_log(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
-    lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return [record for record in map(json.loads, lines) if record["kind"] == kind]
+from tests.conftest import make_trainer, read_log, tiny_config
 
 
 def test_multitask_losses_fall_and_run_directory_is_written(tmp_path: Path) -> None:
@@ -130,7 +94,7 @@ def test_resume_continues_exactly(tmp_path: Path, workers: int) -> None:
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 8
-    for key in ["model", "balancer"]:
+    for key in ["model", "objective"]:
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
@@ -220,7 +184,7 @@ def test_batch_larger_than_training_set_is_a_config_error(tmp_path: Path) -> Non
 def test_run_training_validates_keeps_best_and_writes_results(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from densemtl.engine.train import run_training
+    from densemtl.engine.run import run_training
 
     config = tiny_config(tmp_path, "train.steps=4", "train.eval_every=2", "train.lr=3e-3")
     results = run_training(config)

@@ -15,7 +15,7 @@ from densemtl.data.transforms import (
 )
 from densemtl.errors import DataError
 from densemtl.tasks import IGNORE_INDEX, class_palette
-from tests.test_synthetic import _angles, _interior, normals_from_depth
+from tests.conftest import angles_deg, label_interior, normals_from_depth
 
 FRAME = SyntheticConfig(height=48, width=64)
 _PALETTE = class_palette(256)
@@ -63,7 +63,7 @@ def test_random_scale_crop_flip_keep_every_label_aligned(seed):
     out = transform(raw, torch.Generator().manual_seed(seed))
     semseg = out["semseg"].numpy()
     valid = semseg != IGNORE_INDEX
-    inside = np.pad(_interior(semseg), 1) & valid  # away from label borders, where bilinear blends colours
+    inside = np.pad(label_interior(semseg), 1) & valid  # away from label borders, where bilinear blends colours
     assert inside.sum() > 200
     colours = denormalize_image(out["image"]).astype(int)
     assert np.abs(colours[inside] - _PALETTE[semseg[inside] + 1]).max() <= 2
@@ -91,14 +91,14 @@ def test_flip_happens_about_half_the_time_and_matches_the_flipped_geometry():
         if is_flipped:
             np.testing.assert_array_equal(out["semseg"].numpy(), raw["semseg"][:, ::-1])
             # the flipped normal map is the normal map of the flipped depth map
-            angles = _angles(normals_from_depth(depth), out["normals"].numpy()[:, 1:-1, 1:-1])
-            inside = _interior(out["semseg"].numpy()) & (out["edge"][0, 1:-1, 1:-1].numpy() == 0)
+            angles = angles_deg(normals_from_depth(depth), out["normals"].numpy()[:, 1:-1, 1:-1])
+            inside = label_interior(out["semseg"].numpy()) & (out["edge"][0, 1:-1, 1:-1].numpy() == 0)
             sideways = inside & (np.abs(out["normals"][0, 1:-1, 1:-1].numpy()) > 0.3)
             assert sideways.sum() > 100
             assert np.median(angles[sideways]) < 5.0
             # ... while mirroring the map without negating x does not
             mirrored = raw["normals"][:, 1:-1, 1:-1][:, :, ::-1]
-            assert np.median(_angles(normals_from_depth(depth), mirrored)[sideways]) > 30.0
+            assert np.median(angles_deg(normals_from_depth(depth), mirrored)[sideways]) > 30.0
     assert 2 <= flips <= 10
 
 

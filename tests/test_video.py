@@ -15,8 +15,8 @@ from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import info_to_dict, save_checkpoint
 from densemtl.engine.video import list_frames, predict_video, run_video
 from densemtl.errors import DataError
-from densemtl.models.sharing import SharedInference
-from tests.test_sharing import tiny_model
+from densemtl.models.sharing.inference import SharedInference
+from tests.conftest import tiny_model
 
 
 def write_frames(folder: Path, count: int, static: bool = False) -> list[Path]:
@@ -41,7 +41,7 @@ def images(paths: list[Path]) -> list[torch.Tensor]:
 def save_tiny_checkpoint(path: Path) -> Path:
     from densemtl.config import load_config
     from densemtl.data.synthetic import synthetic_info
-    from tests.test_sharing import TINY
+    from tests.conftest import TINY
 
     model = tiny_model()
     config = load_config(None, TINY)

@@ -1,15 +1,69 @@
-"""What every dataset provides: samples in one dict format (and a :class:`DatasetInfo` as ``info``).
+"""What every dataset provides: samples in one dict format, and its facts as class attributes.
 
 A sample is ``{"image": float 3 x H x W (normalised), <task>: target tensor, "meta": {...}}`` with the
 target conventions of :mod:`densemtl.tasks`, and ``meta`` holding at least ``name`` (str) and ``size``
 (the original ``(H, W)`` before any padding or crop), so predictions can be cropped back and saved.
+
+A dataset is a :class:`DenseDataset` subclass and one row of :data:`densemtl.registry.DATASETS`.
+``build_dataset``, the bench, the CLI and ``densemtl data check`` read its class attributes and class
+methods, so they know a dataset without naming it and without its files.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
+from torch.utils.data import Dataset
+
+from densemtl.config import DataConfig
+from densemtl.dataset_info import DatasetInfo
+from densemtl.errors import DataError
+
+
+class DenseDataset(Dataset):
+    """One split of a dataset in the sample format above; ``info`` holds its :class:`DatasetInfo`.
+
+    Subclasses take ``(data_config, split, train)`` (``train`` turns on augmentation), set the class
+    attributes and implement :meth:`dataset_info` and :meth:`native_size`.
+    """
+
+    dataset_name: ClassVar[str]  # its row in DATASETS: the name in messages and in DatasetInfo
+    title: ClassVar[str]  # the name people know it by ("NYUD-v2"), for reports
+    supported_tasks: ClassVar[tuple[str, ...]]  # the tasks it has labels for
+    needs_root: ClassVar[bool] = True  # read from the folder data.root (False: generated)
+    info: DatasetInfo
+
+    @classmethod
+    def dataset_info(cls, tasks: Iterable[str]) -> DatasetInfo:
+        """Its facts (class counts and names, boundary tolerance) for a run on ``tasks``; no file is read."""
+        raise NotImplementedError
+
+    @classmethod
+    def native_size(cls, data_config: DataConfig) -> tuple[int, int]:
+        """The ``(H, W)`` its images are evaluated at (what a bench measures when no crop is set)."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_problems(cls, data_config: DataConfig, train: bool) -> list[tuple[str, str]]:
+        """``(key, why)`` for each data setting it cannot run with (``train``: for training batches);
+        :func:`build_dataset` fails on the first."""
+        if cls.needs_root and not data_config.root:
+            return [("data.root", f"dataset '{cls.dataset_name}' needs the folder holding it")]
+        return []
+
+    @classmethod
+    def check_tasks(cls, tasks: Iterable[str]) -> tuple[str, ...]:
+        """``tasks`` as a tuple, or a DataError naming those it has no labels for."""
+        tasks = tuple(tasks)
+        unknown = [task for task in tasks if task not in cls.supported_tasks]
+        if unknown:
+            raise DataError(
+                f"dataset '{cls.dataset_name}' has no labels for {', '.join(unknown)} "
+                f"(available: {', '.join(cls.supported_tasks)})"
+            )
+        return tasks
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,11 +1,13 @@
-"""``densemtl data check ROOT``: validate a NYUD-v2 or PASCAL-Context folder before a long run.
+"""``densemtl data check ROOT``: validate a dataset folder (NYUD-v2, PASCAL-Context...) before a long run.
 
-Detects the dataset and layout, counts the samples of every split and the files of every task, opens
+Detects the dataset (the first :class:`FolderDataset` of the DATASETS table whose marker folders
+``root`` holds) and its layout, counts the samples of every split and the files of every task, opens
 every file (``quick``: an evenly spaced sample per split) with the training loaders, and checks what
 would otherwise fail or silently skew a run: unreadable files, targets whose size differs from the
-image, label values out of range, normals that are not unit length, implausible depth, edge values
-outside [0, 1], names listed twice or in two splits. Prints a summary table, then one line per
-problem naming the file; returns the problems (the CLI exits 1 when there are any).
+image, label values out of range, values their task finds implausible (:meth:`Task.target_problems`:
+normals off unit length, depth in millimetres, edges outside [0, 1]), names listed twice or in two
+splits. Prints a summary table, then one line per problem naming the file; returns the problems (the
+CLI exits 1 when there are any).
 """
 
 from __future__ import annotations
@@ -17,47 +19,36 @@ import numpy as np
 from tqdm import tqdm
 
 from densemtl.data.files import FolderDataset, missing_message, read_rgb, read_split
-from densemtl.data.nyud import NYUDDataset, detect_layout
-from densemtl.data.pascal import PascalContextDataset
-from densemtl.errors import DataError
+from densemtl.errors import DataError, UserError
+from densemtl.registry import DATASETS, TASKS
 
-DATASETS: dict[str, type[FolderDataset]] = {"nyud": NYUDDataset, "pascal": PascalContextDataset}
 QUICK_SAMPLES = 20  # per split with --quick
-NORMALS_TOLERANCE = 0.1  # allowed | |n| - 1 | (8-bit PNG quantisation stays under 0.01)
-NORMALS_BAD_FRACTION = 0.01  # share of valid pixels allowed off unit length
-MAX_DEPTH_METRES = 100.0
+
+
+def folder_datasets() -> dict[str, type[FolderDataset]]:
+    """The rows of DATASETS read from a folder, by name (importing each dataset's module)."""
+    return {name: cls for name, cls in DATASETS.items() if issubclass(cls, FolderDataset)}
 
 
 def detect_dataset(root: Path) -> str | None:
-    """``"nyud"`` (``gt_sets/``), ``"pascal"`` (``ImageSets/Context`` or ``JPEGImages/``), else None."""
-    if (root / "gt_sets").is_dir():
-        return "nyud"
-    if (root / "ImageSets" / "Context").is_dir() or (root / "JPEGImages").is_dir():
-        return "pascal"
-    return None
+    """The first folder dataset whose marker folders ``root`` holds, else None."""
+    return next((name for name, cls in folder_datasets().items() if cls.detect(root)), None)
 
 
-def target_problems(task: str, target: np.ndarray, path: Path) -> list[str]:
-    """Value checks beyond what the loaders enforce, one message per problem."""
-    problems = []
-    if task == "normals":
-        norm = np.linalg.norm(target, axis=0)
-        valid = norm > 0
-        off = np.abs(norm[valid] - 1) > NORMALS_TOLERANCE
-        if valid.any() and off.mean() > NORMALS_BAD_FRACTION:
-            problems.append(
-                f"{path}: {100 * off.mean():.1f}% of valid normals are not unit length "
-                f"(median |n| = {np.median(norm[valid]):.3f})"
-            )
-    elif task == "depth":
-        valid = target > 0
-        if not valid.any():
-            problems.append(f"{path}: no valid depth pixel")
-        elif target.max() > MAX_DEPTH_METRES:
-            problems.append(f"{path}: depth up to {target.max():.1f} m, expected metres (millimetres stored?)")
-    elif task == "edge" and ((target < 0) | (target > 1)).any():
-        problems.append(f"{path}: edge values outside [0, 1] (min {target.min():.3g}, max {target.max():.3g})")
-    return problems
+def _dataset_class(root: Path, dataset: str | None) -> type[FolderDataset]:
+    """The class of ``dataset`` (detected when None); a DataError when ``root`` is no dataset folder."""
+    if not root.is_dir():
+        raise DataError(f"{root}: folder not found")
+    checkable = folder_datasets()
+    dataset = dataset or detect_dataset(root)
+    if dataset is None:
+        known = " nor ".join(f"{cls.title} ({', '.join(f'{marker}/' for marker in cls.markers)})"
+                             for cls in checkable.values())
+        raise DataError(f"{root}: neither {known}")
+    if dataset not in checkable:
+        DATASETS.check(dataset)
+        raise UserError(f"dataset '{dataset}' is not read from a folder; data check knows {', '.join(checkable)}")
+    return checkable[dataset]
 
 
 def _sample(names: list[str], quick: bool) -> list[str]:
@@ -83,7 +74,7 @@ def _open_sample(cls: type[FolderDataset], files: dict[str, Path], tasks: tuple[
             if str(err) not in problems:
                 problems.append(str(err))
             continue
-        problems += target_problems(task, target, files[cls.task_sources.get(task, task)])
+        problems += TASKS[task].target_problems(target, files[cls.task_sources.get(task, task)])
     return problems
 
 
@@ -121,34 +112,22 @@ def _table(rows: list[list[str]]) -> str:
                                in enumerate(zip(row, widths, strict=True))) for row in rows)
 
 
-def check_dataset(root: Path, dataset: str | None = None, quick: bool = False) -> list[str]:
-    """Check the dataset folder ``root``; print a summary table and the problems; return the problems."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        problems = [f"{root}: folder not found"]
-        print(problems[0])
-        return problems
-    dataset = dataset or detect_dataset(root)
-    if dataset is None:
-        problems = [f"{root}: neither NYUD-v2 (gt_sets/) nor PASCAL-Context (ImageSets/Context/, JPEGImages/)"]
-        print(problems[0])
-        return problems
-    cls = DATASETS[dataset]
-    problems: list[str] = []
-    title = f"{'NYUD-v2' if dataset == 'nyud' else 'PASCAL-Context'} at {root}"
-    try:
-        if dataset == "nyud":
-            title += f" (layout {detect_layout(root)})"
-        split_dir = cls.split_file(root, "train").parent
-        splits = sorted(path.stem for path in split_dir.glob("*.txt"))
-        if not splits:
-            raise DataError(f"{split_dir}: no split files (*.txt)")
-    except DataError as err:
-        print(title)
-        print(err)
-        return [str(err)]
+def _split_names(cls: type[FolderDataset], root: Path) -> list[str]:
+    """The splits of the folder: the stems of the split files beside the train split's."""
+    split_dir = cls.split_file(root, "train").parent
+    splits = sorted(path.stem for path in split_dir.glob("*.txt"))
+    if not splits:
+        raise DataError(f"{split_dir}: no split files (*.txt)")
+    return splits
+
+
+def _check_splits(
+    cls: type[FolderDataset], root: Path, splits: list[str], quick: bool
+) -> tuple[list[list[str]], list[str]]:
+    """The summary table's rows and the problems of every split."""
     sources = list(cls.sources(root, cls.supported_tasks))
     rows = [["split", "samples", *sources, "opened"]]
+    problems: list[str] = []
     seen: dict[str, str] = {}
     for split in splits:
         try:
@@ -163,7 +142,30 @@ def check_dataset(root: Path, dataset: str | None = None, quick: bool = False) -
         counts, split_problems = _check_split(cls, root, split, names, quick)
         problems += split_problems
         rows.append([split, str(len(set(names))), *(str(counts[s]) for s in sources), str(counts["opened"])])
-    problems = list(dict.fromkeys(problems))  # a file listed in two splits is reported once
+    return rows, list(dict.fromkeys(problems))  # a file listed in two splits is reported once
+
+
+def check_dataset(root: Path, dataset: str | None = None, quick: bool = False) -> list[str]:
+    """Check the dataset folder ``root``; print a summary table and the problems; return the problems.
+
+    ``dataset`` names a row of DATASETS (default: detected); one that is not read from a folder is a
+    UserError.
+    """
+    root = Path(root).expanduser()
+    try:
+        cls = _dataset_class(root, dataset)
+    except DataError as err:
+        print(err)
+        return [str(err)]
+    title = f"{cls.title} at {root}"
+    try:
+        title += cls.describe_layout(root)
+        splits = _split_names(cls, root)
+    except DataError as err:
+        print(title)
+        print(err)
+        return [str(err)]
+    rows, problems = _check_splits(cls, root, splits, quick)
     print(title)
     print(_table(rows))
     print(f"{len(problems)} problem(s)" + (" (quick: a sample of each split opened)" if quick else ""))

@@ -5,7 +5,7 @@ Layout under ``out``::
     images/<name>.png          RGB
     segmentation/<name>.png    uint8, file value = class id + 1 (0 = void, unused here)
     depth/<name>.npy           float32 metres (0 = invalid, unused here)
-    normals/<name>.png         uint8 RGB, decode with 2 v / 255 - 1 (camera frame, see data/synthetic.py)
+    normals/<name>.png         uint8 RGB, decode with 2 v / 255 - 1 (camera frame, see data/synthetic/)
     edge/<name>.png            uint8, 255 = boundary
     saliency/<name>.png        uint8, 255 = salient (not part of NYUD-v2; our extra task)
     gt_sets/{train,val,test}.txt   one name per line
@@ -15,6 +15,7 @@ Layout under ``out``::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +23,35 @@ from PIL import Image
 from tqdm import tqdm
 
 from densemtl.config import SyntheticConfig
-from densemtl.data.synthetic import CLASS_NAMES, SPLITS, SYNTHETIC_TASKS, load_split, split_size, synthetic_info
+from densemtl.data.synthetic.dataset import SPLITS, SYNTHETIC_TASKS, load_split, split_size, synthetic_info
+from densemtl.data.synthetic.scene import CLASS_NAMES
 from densemtl.errors import DataError
 from densemtl.tasks import build_tasks, encode_normals
 
-_FOLDERS = ("images", "segmentation", "depth", "normals", "edge", "saliency", "gt_sets")
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array).save(path)
+
+
+def _save_binary(value: np.ndarray, path: Path) -> None:
+    _save_png((value * 255).astype(np.uint8), path)
+
+
+# Per task: the folder, file extension and writer of one frame's label in the layout's encoding.
+_LABEL_FILES: dict[str, tuple[str, str, Callable[[np.ndarray, Path], None]]] = {
+    "semseg": ("segmentation", ".png", lambda value, path: _save_png((value + 1).astype(np.uint8), path)),
+    "depth": ("depth", ".npy", lambda value, path: np.save(path, value.astype(np.float32))),
+    "normals": ("normals", ".png", lambda value, path: _save_png(encode_normals(value), path)),
+    "edge": ("edge", ".png", _save_binary),
+    "saliency": ("saliency", ".png", _save_binary),
+}
+_FOLDERS = ("images", *(folder for folder, _, _ in _LABEL_FILES.values()), "gt_sets")
 
 
 def _write_frame(out: Path, name: str, arrays: dict[str, np.ndarray], index: int) -> None:
-    Image.fromarray(arrays["image"][index]).save(out / "images" / f"{name}.png")
-    Image.fromarray((arrays["semseg"][index] + 1).astype(np.uint8)).save(out / "segmentation" / f"{name}.png")
-    np.save(out / "depth" / f"{name}.npy", arrays["depth"][index].astype(np.float32))
-    Image.fromarray(encode_normals(arrays["normals"][index])).save(out / "normals" / f"{name}.png")
-    for task in ("edge", "saliency"):
-        Image.fromarray((arrays[task][index] * 255).astype(np.uint8)).save(out / task / f"{name}.png")
+    _save_png(arrays["image"][index], out / "images" / f"{name}.png")
+    for task, (folder, extension, write) in _LABEL_FILES.items():
+        write(arrays[task][index], out / folder / f"{name}{extension}")
 
 
 def label_grid(arrays: dict[str, np.ndarray], indices: list[int], gap: int = 2) -> np.ndarray:

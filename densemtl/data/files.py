@@ -18,11 +18,10 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.io
 from PIL import Image
-from torch.utils.data import Dataset
 
 from densemtl.config import DataConfig
+from densemtl.data.base import DenseDataset
 from densemtl.data.transforms import build_transform
-from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -106,15 +105,14 @@ def check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
         raise DataError(f"{path}: label values {values} outside 0..{num_classes - 1} and 255")
 
 
-class FolderDataset(Dataset):
+class FolderDataset(DenseDataset):
     """A benchmark folder: one sample per name of a split file, files found by candidate paths.
 
-    Subclasses describe the folder (``split_file``, ``sources``) and decode one target
+    Subclasses describe the folder (``markers``, ``split_file``, ``sources``) and decode one target
     (``read_target``); all are class methods so ``densemtl data check`` can use them without a config.
     """
 
-    dataset_name: ClassVar[str]
-    supported_tasks: ClassVar[tuple[str, ...]]
+    markers: ClassVar[tuple[str, ...]]  # sub-folders (relative paths) of which one identifies the dataset
     task_sources: ClassVar[dict[str, str]] = {}  # task -> source key, where the task's file is another
 
     def __init__(self, data_config: DataConfig, split: str, train: bool) -> None:
@@ -123,13 +121,7 @@ class FolderDataset(Dataset):
         self.root = Path(data_config.root).expanduser()
         if not self.root.is_dir():
             raise DataError(f"{self.root}: dataset folder not found (data.root)")
-        unknown = [task for task in data_config.tasks if task not in self.supported_tasks]
-        if unknown:
-            raise DataError(
-                f"dataset '{self.dataset_name}' has no labels for {', '.join(unknown)} "
-                f"(available: {', '.join(self.supported_tasks)})"
-            )
-        self.tasks = tuple(data_config.tasks)
+        self.tasks = self.check_tasks(data_config.tasks)
         self.split = split
         self.on_bad_sample = data_config.on_bad_sample
         names = read_split(self.split_file(self.root, split))
@@ -153,6 +145,16 @@ class FolderDataset(Dataset):
         self.skipped = 0
 
     @classmethod
+    def detect(cls, root: Path) -> bool:
+        """Whether ``root`` holds one of the :attr:`markers` folders."""
+        return any((Path(root) / marker).is_dir() for marker in cls.markers)
+
+    @classmethod
+    def describe_layout(cls, root: Path) -> str:
+        """Text added to the dataset's title in ``data check`` reports (e.g. which layout was found)."""
+        return ""
+
+    @classmethod
     def split_file(cls, root: Path, split: str) -> Path:
         raise NotImplementedError
 
@@ -172,10 +174,6 @@ class FolderDataset(Dataset):
     def evaluation_target(cls, task: str, target: np.ndarray, cache: dict[str, Any]) -> np.ndarray:
         """The target scored by evaluation where it differs from the training target (default: the same)."""
         return target
-
-    @classmethod
-    def dataset_info(cls, tasks: Iterable[str]) -> DatasetInfo:
-        raise NotImplementedError
 
     @classmethod
     def locate(

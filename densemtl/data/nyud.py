@@ -43,6 +43,7 @@ NYUD_CLASS_NAMES = [
 ]
 NYUD_NUM_CLASSES = 40
 NYUD_BOUNDARY_MAX_DIST = 0.011
+NYUD_IMAGE_SIZE = (480, 640)  # every image, (H, W)
 LAYOUTS = ("NYUD_MT", "NYUDv2")
 _FOLDERS = {"image": "images", "semseg": "segmentation", "depth": "depth", "normals": "normals", "edge": "edge"}
 _EXTENSIONS = {  # per layout, per source: the layout's own extension first
@@ -113,11 +114,17 @@ class NYUDDataset(FolderDataset):
     """NYUD-v2 for the tasks semseg, depth, normals, edge; ``split`` names ``gt_sets/<split>.txt``."""
 
     dataset_name = "nyud"
+    title = "NYUD-v2"
     supported_tasks = ("semseg", "depth", "normals", "edge")
+    markers = ("gt_sets",)
 
     def __init__(self, data_config: DataConfig, split: str, train: bool) -> None:
         super().__init__(data_config, split, train)
         self.layout = detect_layout(self.root)
+
+    @classmethod
+    def describe_layout(cls, root: Path) -> str:
+        return f" (layout {detect_layout(root)})"
 
     @classmethod
     def split_file(cls, root: Path, split: str) -> Path:
@@ -144,15 +151,15 @@ class NYUDDataset(FolderDataset):
 
     @classmethod
     def dataset_info(cls, tasks: Iterable[str]) -> DatasetInfo:
-        return nyud_info(tasks)
+        """NYUD-v2 facts: 40 classes, boundary tolerance 0.011 of the diagonal."""
+        return DatasetInfo(
+            name=cls.dataset_name,
+            tasks=tuple(tasks),
+            num_classes={"semseg": NYUD_NUM_CLASSES},
+            class_names={"semseg": list(NYUD_CLASS_NAMES)},
+            boundary_max_dist=NYUD_BOUNDARY_MAX_DIST,
+        )
 
-
-def nyud_info(tasks: Iterable[str]) -> DatasetInfo:
-    """NYUD-v2 facts: 40 classes, boundary tolerance 0.011 of the diagonal."""
-    return DatasetInfo(
-        name="nyud",
-        tasks=tuple(tasks),
-        num_classes={"semseg": NYUD_NUM_CLASSES},
-        class_names={"semseg": list(NYUD_CLASS_NAMES)},
-        boundary_max_dist=NYUD_BOUNDARY_MAX_DIST,
-    )
+    @classmethod
+    def native_size(cls, data_config: DataConfig) -> tuple[int, int]:
+        return NYUD_IMAGE_SIZE

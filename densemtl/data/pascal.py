@@ -31,12 +31,13 @@ names) and ``context_classes.json`` (459 PASCAL-Context names), checked name by 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from densemtl.config import DataConfig
 from densemtl.data.files import FolderDataset, as_label_map, check_labels, read_image_file, read_mat
 from densemtl.data.pascal_parts import PART_CLASS_NAMES, load_human_parts
 from densemtl.dataset_info import DatasetInfo
@@ -49,6 +50,7 @@ VOC_CLASS_NAMES = [
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 ]
 PASCAL_BOUNDARY_MAX_DIST = 0.0075
+PASCAL_EVAL_SIZE = (512, 512)  # images are at most 500 pixels a side; evaluation pads them into this
 NORMALS_VALID_CONTEXT_IDS = frozenset({
     3, 4, 6, 9, 10, 11, 13, 15, 17, 18, 22, 23, 29, 30, 33, 34, 36, 37, 38, 39, 41, 43, 46, 49, 50, 51, 53,
     55, 56, 59, 61, 62, 65, 66, 68, 69, 72, 73, 78, 83, 84, 85, 87, 88, 95, 96, 101, 104, 105, 107, 111, 113,
@@ -106,6 +108,13 @@ def read_normals(path: Path, labelmap: np.ndarray) -> np.ndarray:
     return decode_normals(encoded[..., :3]) * valid[None].astype(np.float32)
 
 
+def _labelmap(files: dict[str, Path], cache: dict[str, Any]) -> np.ndarray:
+    """The sample's LabelMap, read once for the tasks derived from it."""
+    if "labelmap" not in cache:
+        cache["labelmap"] = read_labelmap(files["labelmap"])
+    return cache["labelmap"]
+
+
 def read_saliency(path: Path) -> np.ndarray:
     """Distilled saliency binarised at 0.5 (``v / 255 > 0.5``), 1 x H x W float."""
     grey = read_image_file(path)
@@ -116,11 +125,26 @@ def read_saliency(path: Path) -> np.ndarray:
     return (grey.astype(np.float32) / scale > 0.5).astype(np.float32)[None]
 
 
+# The files each task reads: edges are the LabelMap's boundaries, normals are valid on its NYUD-like classes.
+_TASK_SOURCES = {"semseg": ("semseg",), "human_parts": ("human_parts",), "saliency": ("saliency",),
+                 "normals": ("normals", "labelmap"), "edge": ("labelmap",)}
+# Per task: its target from the sample's files, the image size and the per-sample cache.
+_READERS: dict[str, Callable[[dict[str, Path], tuple[int, int], dict[str, Any]], np.ndarray]] = {
+    "semseg": lambda files, size, cache: read_semseg(files["semseg"]),
+    "human_parts": lambda files, size, cache: load_human_parts(files["human_parts"], size),
+    "saliency": lambda files, size, cache: read_saliency(files["saliency"]),
+    "normals": lambda files, size, cache: read_normals(files["normals"], _labelmap(files, cache)),
+    "edge": lambda files, size, cache: label_boundaries(_labelmap(files, cache))[None],
+}
+
+
 class PascalContextDataset(FolderDataset):
     """PASCAL-Context for semseg, human_parts, normals, saliency, edge; ``ImageSets/Context/<split>.txt``."""
 
     dataset_name = "pascal"
+    title = "PASCAL-Context"
     supported_tasks = ("semseg", "human_parts", "normals", "saliency", "edge")
+    markers = ("ImageSets/Context", "JPEGImages")
     task_sources = {"edge": "labelmap"}
 
     @classmethod
@@ -129,27 +153,14 @@ class PascalContextDataset(FolderDataset):
 
     @classmethod
     def sources(cls, root: Path, tasks: Iterable[str]) -> dict[str, tuple[str, ...]]:
-        tasks = list(tasks)
-        wanted = ["image", *(task for task in tasks if task != "edge")]
-        if "edge" in tasks or "normals" in tasks:
-            wanted.append("labelmap")
-        return {source: _SOURCES[source] for source in wanted}
+        wanted = ["image", *(source for task in tasks for source in _TASK_SOURCES[task])]
+        return {source: _SOURCES[source] for source in dict.fromkeys(wanted)}
 
     @classmethod
     def read_target(
         cls, task: str, files: dict[str, Path], size: tuple[int, int], cache: dict[str, Any]
     ) -> np.ndarray:
-        if task == "semseg":
-            return read_semseg(files[task])
-        if task == "human_parts":
-            return load_human_parts(files[task], size)
-        if task == "saliency":
-            return read_saliency(files[task])
-        if "labelmap" not in cache:
-            cache["labelmap"] = read_labelmap(files["labelmap"])
-        if task == "normals":
-            return read_normals(files[task], cache["labelmap"])
-        return label_boundaries(cache["labelmap"])[None]
+        return _READERS[task](files, size, cache)
 
     @classmethod
     def evaluation_target(cls, task: str, target: np.ndarray, cache: dict[str, Any]) -> np.ndarray:
@@ -158,15 +169,23 @@ class PascalContextDataset(FolderDataset):
 
     @classmethod
     def dataset_info(cls, tasks: Iterable[str]) -> DatasetInfo:
-        return pascal_info(tasks)
+        """PASCAL-Context facts: 21 VOC classes, 7 human-part classes, boundary tolerance 0.0075."""
+        return DatasetInfo(
+            name=cls.dataset_name,
+            tasks=tuple(tasks),
+            num_classes={"semseg": len(VOC_CLASS_NAMES), "human_parts": len(PART_CLASS_NAMES)},
+            class_names={"semseg": list(VOC_CLASS_NAMES), "human_parts": list(PART_CLASS_NAMES)},
+            boundary_max_dist=PASCAL_BOUNDARY_MAX_DIST,
+        )
 
+    @classmethod
+    def native_size(cls, data_config: DataConfig) -> tuple[int, int]:
+        return PASCAL_EVAL_SIZE
 
-def pascal_info(tasks: Iterable[str]) -> DatasetInfo:
-    """PASCAL-Context facts: 21 VOC classes, 7 human-part classes, boundary tolerance 0.0075."""
-    return DatasetInfo(
-        name="pascal",
-        tasks=tuple(tasks),
-        num_classes={"semseg": len(VOC_CLASS_NAMES), "human_parts": len(PART_CLASS_NAMES)},
-        class_names={"semseg": list(VOC_CLASS_NAMES), "human_parts": list(PART_CLASS_NAMES)},
-        boundary_max_dist=PASCAL_BOUNDARY_MAX_DIST,
-    )
+    @classmethod
+    def config_problems(cls, data_config: DataConfig, train: bool) -> list[tuple[str, str]]:
+        problems = []
+        if train and data_config.crop_size is None and data_config.batch_size > 1:
+            why = "PASCAL-Context images differ in size: set a crop (e.g. [512, 512]) to batch them"
+            problems.append(("data.crop_size", why))
+        return problems + super().config_problems(data_config, train)

@@ -13,10 +13,10 @@ Shared by all datasets, so the input format is dataset-agnostic. A raw sample (w
 transform returned by :func:`build_transform` does that and then, for training, a random scale, a random
 crop (padding with each task's fill value where the scaled image is smaller) and a horizontal flip.
 
-Resampling keeps labels exact: nearest neighbour for label maps, normals, edge and saliency; bilinear for
-the image; a validity-aware bilinear for depth (only valid depths are averaged; 0 stays "invalid").
-Scaling the image is a zoom, so camera-frame normals and metric depth keep their values; a horizontal
-flip negates the normals' x component (the camera frame has x to the right of the image).
+The image is resampled bilinearly; each target is converted, resampled, flipped and padded as its task
+says (:meth:`Task.to_target`, :meth:`Task.resize_target`, :meth:`Task.flip_target`, ``Task.fill_value``):
+nearest neighbour keeps labels exact, depth averages valid depths only, a flip negates the normals' x.
+Scaling the image is a zoom, so camera-frame normals and metric depth keep their values.
 
 Once the trainer has called :meth:`JointTransform.set_epoch`, a sample's augmentation is a function of
 ``(seed, epoch, sample index)`` alone: the same whatever the number of data workers or processes, and
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from densemtl.config import DataConfig
 from densemtl.constants import IMAGE_MEAN, IMAGE_STD
 from densemtl.errors import DataError
-from densemtl.tasks import TASKS
+from densemtl.tasks import TASKS, Task
 
 _MEAN = torch.tensor(IMAGE_MEAN, dtype=torch.float32).view(3, 1, 1)
 _STD = torch.tensor(IMAGE_STD, dtype=torch.float32).view(3, 1, 1)
@@ -61,24 +61,11 @@ def denormalize_image(image: torch.Tensor) -> np.ndarray:
     return (rgb.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def _target_tensor(key: str, value: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A target in the tasks.py layout: int64 H x W for label maps, float32 C x H x W otherwise."""
+def _task(key: str) -> type[Task]:
+    """The task class of a sample key that is not ``image`` or ``meta``."""
     if key not in TASKS:
         raise DataError(f"sample key '{key}' is neither 'image', 'meta' nor a task ({', '.join(TASKS)})")
-    tensor = torch.as_tensor(np.ascontiguousarray(value) if isinstance(value, np.ndarray) else value)
-    task = TASKS[key]
-    if task.is_label_map:
-        tensor = tensor.squeeze(0) if tensor.ndim == 3 and tensor.shape[0] == 1 else tensor
-        if tensor.ndim != 2:
-            raise DataError(f"target '{key}': expected an H x W label map, got shape {tuple(tensor.shape)}")
-        return tensor.long()
-    channels = 3 if key == "normals" else 1
-    tensor = tensor.float()
-    if tensor.ndim == 2 and channels == 1:
-        tensor = tensor[None]
-    if tensor.ndim != 3 or tensor.shape[0] != channels:
-        raise DataError(f"target '{key}': expected {channels} x H x W, got shape {tuple(tensor.shape)}")
-    return tensor
+    return TASKS[key]
 
 
 def to_tensor_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
@@ -90,7 +77,7 @@ def to_tensor_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in sample.items():
         if key in ("image", "meta"):
             continue
-        target = _target_tensor(key, value)
+        target = _task(key).to_target(value)
         if tuple(target.shape[-2:]) != size:
             raise DataError(f"target '{key}' has size {tuple(target.shape[-2:])}, the image {size}")
         out[key] = target
@@ -108,20 +95,17 @@ def _fill_values(tasks_fill: Mapping[str, float] | None) -> dict[str, float]:
 
 
 def _resize(key: str, value: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resample one entry to ``size``: bilinear image, validity-aware bilinear depth, nearest otherwise."""
+    """Resample one entry to ``size``: the image bilinearly, a target as its task says."""
     if tuple(value.shape[-2:]) == size:
         return value
     if key == "image":
         return F.interpolate(value[None], size=size, mode="bilinear", align_corners=False)[0]
-    if key == "depth":
-        valid = (value > 0).float()
-        weight = F.interpolate(valid[None], size=size, mode="bilinear", align_corners=False)[0]
-        total = F.interpolate((value * valid)[None], size=size, mode="bilinear", align_corners=False)[0]
-        return torch.where(weight > 0.5, total / weight.clamp_min(1e-6), torch.zeros_like(total))
-    batched = value[None, None] if value.ndim == 2 else value[None]
-    resized = F.interpolate(batched.float(), size=size, mode="nearest-exact")
-    resized = resized[0, 0] if value.ndim == 2 else resized[0]
-    return resized.to(value.dtype)
+    return _task(key).resize_target(value, size)
+
+
+def _flip(key: str, value: torch.Tensor) -> torch.Tensor:
+    """Mirror one entry left-right: the image as pixels, a target as its task says."""
+    return value.flip(-1) if key == "image" else _task(key).flip_target(value)
 
 
 def _pad(value: torch.Tensor, height: int, width: int, fill: float) -> torch.Tensor:
@@ -207,9 +191,7 @@ class JointTransform:
         left = int(torch.randint(width - crop_w + 1, (), generator=generator))
         out = {key: value[..., top : top + crop_h, left : left + crop_w] for key, value in out.items()}
         if self.flip and torch.rand((), generator=generator).item() < 0.5:
-            out = {key: value.flip(-1) for key, value in out.items()}
-            if "normals" in out:
-                out["normals"] = out["normals"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+            out = {key: _flip(key, value) for key, value in out.items()}
         out = {key: value.contiguous() for key, value in out.items()}
         out["meta"] = dict(sample["meta"])
         return out

@@ -28,33 +28,25 @@ from densemtl.engine.distributed import env_info, resolve_device
 from densemtl.errors import UserError
 from densemtl.jsonio import write_json
 from densemtl.models import build_model
+from densemtl.registry import DATASETS
 from densemtl.tasks import build_tasks
 
 if TYPE_CHECKING:
     from densemtl.config import Config
 
-NATIVE_SIZE = {"nyud": (480, 640), "pascal": (512, 512)}
-KNOWN_CLASSES = {"nyud": {"semseg": 40}, "pascal": {"semseg": 21, "human_parts": 7}}
 WARMUP = 3
 
 
 def dataset_info(config: Config) -> DatasetInfo:
-    """The dataset's facts without reading its files (a bench needs no data on disk)."""
-    if config.data.dataset == "synthetic":
-        from densemtl.data.synthetic import synthetic_info
-
-        return synthetic_info()
-    name = config.data.dataset
-    return DatasetInfo(name, tuple(config.data.tasks), num_classes=dict(KNOWN_CLASSES[name]))
+    """The dataset's facts from its class in DATASETS, without reading its files (a bench needs no data)."""
+    return DATASETS.lookup(config.data.dataset).dataset_info(config.data.tasks)
 
 
 def bench_size(config: Config) -> tuple[int, int]:
     """``data.crop_size`` when set, else the dataset's evaluation size."""
     if config.data.crop_size is not None:
         return (config.data.crop_size[0], config.data.crop_size[1])
-    if config.data.dataset == "synthetic":
-        return (config.data.synthetic.height, config.data.synthetic.width)
-    return NATIVE_SIZE[config.data.dataset]
+    return DATASETS.lookup(config.data.dataset).native_size(config.data)
 
 
 def split_by_owner(values: dict[str, float], owners: Iterable[str], nested: bool) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, read back with ``torch.load(weights_only=True)``.
 
 A training checkpoint is a dict with ``config`` (plain dict), ``info`` (the dataset facts tasks need),
-``model``, ``optimizer``, ``scheduler``, ``scaler``, ``balancer``, ``ema`` (or None), ``rng``, ``step``,
+``model``, ``optimizer``, ``scheduler``, ``scaler``, ``objective`` (the balancer's and regularizer's state;
+``balancer`` in older checkpoints), ``ema`` (or None), ``rng``, ``step``,
 ``data_position`` (``{"epoch", "batch"}``: the next batch to load) and ``best`` (the best-checkpoint
 bookkeeping). Everything in it is a tensor, a number, a string or a list/dict of those, so that loading
 never needs to unpickle arbitrary objects.
@@ -9,10 +10,8 @@ never needs to unpickle arbitrary objects.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from densemtl.atomic import atomic_write
 from densemtl.config import Config
 from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import UserError
@@ -29,22 +29,10 @@ from densemtl.tasks import Task
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` through a temporary file in the same folder and ``os.replace``.
-
-    An interrupted write therefore never leaves a truncated ``last.pt`` behind.
-    """
+    """Write ``state`` to ``path`` atomically: an interrupted write never leaves a truncated ``last.pt``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as stream:
+        torch.save(state, stream)
     return path
 
 

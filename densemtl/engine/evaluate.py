@@ -36,21 +36,24 @@ from densemtl.data.base import collate
 from densemtl.data.transforms import pad_to
 from densemtl.dataset_info import DatasetInfo
 from densemtl.engine import distributed
+from densemtl.engine.results import format_results
 from densemtl.errors import DataError, UserError
 from densemtl.jsonio import write_json
+from densemtl.metrics.delta_m import Results
+from densemtl.models.architecture import ReportsCost
+from densemtl.registry import ARCHITECTURES, DATASETS
 from densemtl.tasks import TASKS, ClassMapTask, Task, build_tasks
-
-Results = dict[str, dict[str, float]]
 
 
 def build_metrics(
     tasks: dict[str, Task], info: DatasetInfo, eval_config: EvalConfig, include_boundary: bool = True
 ) -> dict[str, Any]:
-    """One metric per task (``edge`` left out when ``include_boundary`` is False)."""
+    """One metric per task; a task whose metric is costly (boundary matching) left out when ``include_boundary``
+    is False."""
     return {
         name: task.build_metric(info, eval_config)
         for name, task in tasks.items()
-        if include_boundary or name != "edge"
+        if include_boundary or not task.costly_metric
     }
 
 
@@ -165,12 +168,12 @@ def evaluate_checkpoint(
 ) -> Results:
     """Evaluate a trained checkpoint (its EMA weights when it has them) on ``split``; prints a table.
 
-    A computation-sharing model is scored as it is deployed: sub-tasks by token-skipping inference at
-    ``sharing.threshold`` (``sharing.threshold=0`` in ``overrides`` gives the dense sub-task networks).
+    The model is scored in its architecture's deployed form (a computation-sharing model: sub-tasks by
+    token-skipping inference at ``sharing.threshold``; ``sharing.threshold=0`` in ``overrides`` gives the
+    dense sub-task networks); a deployed form that counts its cost adds it to the report.
     """
     from densemtl.data import build_dataset
     from densemtl.engine.checkpoint import load_checkpoint, model_from_state
-    from densemtl.models.sharing import SharedInference, SharingModel
 
     state = load_checkpoint(checkpoint)
     config = _checkpoint_config(state, data_config, overrides)
@@ -180,22 +183,16 @@ def evaluate_checkpoint(
     loaded = model_from_state(state, config, checkpoint, device)
     model, tasks, info = loaded.model, loaded.tasks, loaded.info
     source: dict[str, Any] = {"checkpoint": str(checkpoint), "split": split}
-    if isinstance(model, SharingModel):
-        model = SharedInference(model, config.sharing.threshold)
+    model = ARCHITECTURES.lookup(config.model.arch).deployed(model, config)
     metrics = build_metrics(tasks, info, config.eval)
     run_metrics(model, dataset, tasks, metrics, config, device)
     results = compute_all(metrics)
-    if isinstance(model, SharedInference):
-        source["sharing"] = {
-            "threshold": config.sharing.threshold,
-            "gflops_per_image": model.flops_run / max(model.images_run, 1) / 1e9,
-        }
+    cost = model.cost_report() if isinstance(model, ReportsCost) else None
+    if cost is not None:
+        source[cost.key] = cost.figures
     if dist_info.is_main:
-        if "sharing" in source:
-            print(
-                f"computation sharing at threshold {config.sharing.threshold}: "
-                f"{source['sharing']['gflops_per_image']:.3f} GFLOPs per image (all tasks)"
-            )
+        if cost is not None:
+            print(cost.summary)
         report(results, metrics, tasks, config.eval, out, per_class, source)
     return results
 
@@ -210,8 +207,6 @@ def report(
     source: dict[str, Any],
 ) -> None:
     """Print the table (and per-class tables on request); write the JSON of every figure to ``out``."""
-    from densemtl.engine.train import format_results
-
     print(format_results(results, tasks))
     class_tables = {name: metric for name, metric in metrics.items() if hasattr(metric, "per_class_iou")}
     if per_class:
@@ -358,7 +353,7 @@ def evaluate_predictions(
     """
     from densemtl.data import build_dataset
 
-    if dataset != "synthetic" and root is None:
+    if DATASETS.lookup(dataset).needs_root and root is None:
         raise UserError(f"dataset '{dataset}' needs --root, the folder holding its ground truth")
     workers = available_cores() if workers is None else workers
     if workers < 1:

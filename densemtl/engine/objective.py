@@ -16,6 +16,7 @@ from torch import nn
 
 from densemtl.config import Config
 from densemtl.errors import TrainingDiverged
+from densemtl.models.output import ModelOutput
 from densemtl.tasks import Task
 
 
@@ -67,7 +68,7 @@ class Objective(nn.Module):
         self.regularizer = regularizer
         self.traceback_weight = traceback_weight
 
-    def task_losses(self, output: dict[str, Any], batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    def task_losses(self, output: ModelOutput, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
         """Each task's loss (final + weighted deep supervision) and the parts to log."""
         losses: dict[str, torch.Tensor] = {}
         parts: dict[str, torch.Tensor] = {}
@@ -86,7 +87,7 @@ class Objective(nn.Module):
 
     def forward(
         self,
-        output: dict[str, Any],
+        output: ModelOutput,
         batch: dict[str, Any],
         step: int,
         shared: list[nn.Parameter],
@@ -118,7 +119,7 @@ def build_objective(
 
     ``steps_per_epoch`` is the default window of the epoch-based balancers (DWA, LPS).
     """
-    from densemtl.losses.balancing import build_balancer
+    from densemtl.losses.balancers import build_balancer
 
     regularizer = None
     if config.contrastive.enabled:

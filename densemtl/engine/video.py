@@ -1,5 +1,6 @@
-"""``densemtl predict --video``: a sharing checkpoint on a folder of consecutive frames, reusing computation
-across tasks and through time (:class:`densemtl.models.sharing.SharedInference`).
+"""``densemtl predict --video``: a checkpoint on a folder of consecutive frames, reusing computation across
+tasks and through time; the checkpoint's architecture must be deployed as a :class:`VideoInference` (the
+``sharing`` architecture's :class:`densemtl.models.sharing.inference.SharedInference`).
 
 Every ``keyframe_interval``-th frame is a keyframe (the base task runs in full, sub-tasks reuse the base's
 activations); the frames between reuse the previous frame's activations. Each frame is also run in full
@@ -13,8 +14,9 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from tqdm import tqdm
@@ -24,9 +26,22 @@ from densemtl.engine.checkpoint import load_model
 from densemtl.engine.predict import read_image
 from densemtl.errors import ConfigError, DataError, UserError
 from densemtl.jsonio import write_json
-from densemtl.models.sharing import FrameResult, SharedInference, SharingModel
+from densemtl.registry import ARCHITECTURES
+
+if TYPE_CHECKING:
+    from densemtl.models.sharing.inference import FrameResult
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+@runtime_checkable
+class VideoInference(Protocol):
+    """A deployed form that runs a frame reusing the previous frame's work, or every task in full."""
+
+    def run(self, image: torch.Tensor, previous: FrameResult | None = None, keyframe: bool = True) -> FrameResult:
+        ...
+
+    def dense(self, image: torch.Tensor) -> FrameResult: ...
 
 
 def list_frames(folder: Path) -> list[Path]:
@@ -41,7 +56,7 @@ def list_frames(folder: Path) -> list[Path]:
 
 
 def run_video(
-    inference: SharedInference, frames: Iterable[torch.Tensor], keyframe_interval: int
+    inference: VideoInference, frames: Iterable[torch.Tensor], keyframe_interval: int
 ) -> Iterator[tuple[FrameResult, float]]:
     """``(result, seconds)`` per frame (each a 1 x 3 x H x W tensor); keyframes every ``keyframe_interval``."""
     if keyframe_interval < 1:
@@ -68,15 +83,20 @@ def predict_video(
     Unset options come from the checkpoint's ``sharing`` config section.
     """
     loaded = load_model(checkpoint, device or "cpu")
-    if not isinstance(loaded.model, SharingModel):
-        raise UserError(f"{checkpoint}: predict --video needs a checkpoint of model.arch 'sharing'")
     sharing = loaded.config.sharing
     interval = sharing.keyframe_interval if keyframe_interval is None else keyframe_interval
-    inference = SharedInference(
-        loaded.model,
-        sharing.threshold if threshold is None else threshold,
-        sharing.temporal_threshold if temporal_threshold is None else temporal_threshold,
+    sharing = replace(
+        sharing,
+        threshold=sharing.threshold if threshold is None else threshold,
+        temporal_threshold=sharing.temporal_threshold if temporal_threshold is None else temporal_threshold,
     )
+    config = replace(loaded.config, sharing=sharing)
+    inference = ARCHITECTURES.lookup(config.model.arch).deployed(loaded.model, config)
+    if not isinstance(inference, VideoInference):
+        raise UserError(
+            f"{checkpoint}: predict --video needs an architecture deployed with reuse across frames; "
+            f"model.arch '{config.model.arch}' is not"
+        )
     paths = list_frames(frames_dir)
     out = Path(out)
     for name in loaded.tasks:
@@ -108,8 +128,8 @@ def predict_video(
         "checkpoint": str(checkpoint),
         "frames": len(records),
         "keyframe_interval": interval,
-        "threshold": inference.task_tau["patch"],
-        "temporal_threshold": inference.time_tau["patch"],
+        "threshold": float(sharing.threshold),
+        "temporal_threshold": float(sharing.temporal_threshold),
         "gflops_per_frame": statistics.mean(r["gflops"] for r in records),
         "gflops_per_frame_full": statistics.mean(r["gflops_full"] for r in records),
         "median_seconds": statistics.median(r["seconds"] for r in records),

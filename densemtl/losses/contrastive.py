@@ -13,16 +13,14 @@ Choices the paper leaves open (all in ``config.contrastive``):
   describe the same place exactly; bilinear reads of the features at label positions would blend
   neighbouring cells across object borders, where no feature can be consistent with both sides.
   ``num_pixels`` cells per batch (split evenly over its images, so the N x N pair matrices cost the
-  same whatever the batch size) are drawn without replacement, only among valid source labels (never
-  255 labels, depth 0, zero normals, nor padding, which carries those fill values). For class-like
-  sources each cell is weighted by ``1 / (cells of its class in the image)``, so every present class
-  gets about the same share. The projector runs on the sampled vectors only: the same 1x1-conv MLP as
-  on the whole embedding map, at a cost proportional to the samples instead of the map.
-- **Pairs** are formed between all samples of the batch (across images too; a pixel is never its own
-  positive). Class-like sources (semseg, human_parts; edge and saliency binarised at 0.5): same class =
-  positive, otherwise negative. Depth: relative difference ``|a - b| / min(a, b)`` under
-  ``depth_positive`` = positive, over ``depth_negative`` = negative, between = ignored. Normals: angle under
-  ``normals_positive_deg`` = positive, over ``normals_negative_deg`` = negative, between = ignored.
+  same whatever the batch size) are drawn without replacement, only among the pixels the source's
+  relation calls valid (never ignore labels, nor padding, which carries those fill values). Where the
+  source has classes each cell is weighted by ``1 / (cells of its class in the image)``, so every
+  present class gets about the same share. The projector runs on the sampled vectors only: the same
+  1x1-conv MLP as on the whole embedding map, at a cost proportional to the samples instead of the map.
+- **Pairs** are formed between all samples of the batch (across images too); the source task's
+  :class:`~densemtl.label_relations.LabelRelation` (:meth:`densemtl.tasks.Task.label_relation`, with
+  the thresholds of ``config.contrastive``) says which are positives, negatives or ignored.
 - **Losses** on cosine similarities of the unit embeddings; an anchor counts only when it has at least
   one positive and one negative. ``infonce``: supervised-contrastive with several positives, each
   positive contrasted against all the anchor's negatives,
@@ -45,108 +43,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from densemtl.config import ContrastiveConfig
+from densemtl.constants import IGNORE_INDEX
 from densemtl.errors import ConfigError
-from densemtl.tasks import IGNORE_INDEX, ClassMapTask, DepthTask, NormalsTask, ProbabilityMapTask, Task
-
-Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # batch index, row, column (each N long)
-
-
-class LabelRelation:
-    """How one source task's ground truth marks pixels valid, balances samples and relates pixel pairs."""
-
-    def valid(self, target: torch.Tensor) -> torch.Tensor:
-        """B x H x W bool: pixels that may be sampled."""
-        raise NotImplementedError
-
-    def classes(self, target: torch.Tensor) -> torch.Tensor | None:
-        """B x H x W long class ids for class-balanced sampling, or None to sample uniformly."""
-        return None
-
-    def values(self, target: torch.Tensor, sample: Sample) -> torch.Tensor:
-        """N x K label values at the sampled pixels."""
-        b, y, x = sample
-        if target.dim() == 3:
-            return target[b, y, x][:, None]
-        return target[b, :, y, x]
-
-    def relate(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """N x N bool (positive, negative) masks; the diagonal is in neither."""
-        raise NotImplementedError
-
-
-class ClassRelation(LabelRelation):
-    """Class maps (ignore 255) and binary probability maps (255 = ignore, binarised at 0.5)."""
-
-    def __init__(self, binary: bool) -> None:
-        self.binary = binary
-
-    def valid(self, target: torch.Tensor) -> torch.Tensor:
-        return _spatial(torch.isfinite(target) & (target != IGNORE_INDEX))
-
-    def classes(self, target: torch.Tensor) -> torch.Tensor:
-        labels = (target >= 0.5).long() if self.binary else target.long()
-        return _spatial(torch.where(self.valid(target).view_as(labels), labels, IGNORE_INDEX))
-
-    def values(self, target: torch.Tensor, sample: Sample) -> torch.Tensor:
-        return self.classes(target)[sample][:, None]
-
-    def relate(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        same = values[:, 0][:, None] == values[:, 0][None, :]
-        return _off_diagonal(same), ~same
-
-
-class DepthRelation(LabelRelation):
-    """Depth in metres (0 = invalid): close by relative difference = positive, far = negative."""
-
-    def __init__(self, positive: float, negative: float) -> None:
-        self.positive = positive
-        self.negative = negative
-
-    def valid(self, target: torch.Tensor) -> torch.Tensor:
-        return _spatial(torch.isfinite(target) & (target > 0))
-
-    def relate(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        depth = values[:, 0].float()
-        relative = (depth[:, None] - depth[None, :]).abs() / torch.minimum(depth[:, None], depth[None, :])
-        return _off_diagonal(relative < self.positive), relative > self.negative
-
-
-class NormalsRelation(LabelRelation):
-    """Unit normals (zero vector = invalid): small angle = positive, large angle = negative."""
-
-    def __init__(self, positive_deg: float, negative_deg: float) -> None:
-        self.cos_positive = math.cos(math.radians(positive_deg))
-        self.cos_negative = math.cos(math.radians(negative_deg))
-
-    def valid(self, target: torch.Tensor) -> torch.Tensor:
-        return torch.isfinite(target).all(dim=1) & (target.abs().sum(dim=1) > 0)
-
-    def relate(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        unit = F.normalize(values.float(), dim=1)
-        cosine = unit @ unit.T
-        return _off_diagonal(cosine > self.cos_positive), cosine < self.cos_negative
-
-
-def _spatial(mask: torch.Tensor) -> torch.Tensor:
-    """B x 1 x H x W or B x H x W -> B x H x W."""
-    return mask[:, 0] if mask.dim() == 4 else mask
-
-
-def _off_diagonal(mask: torch.Tensor) -> torch.Tensor:
-    return mask & ~torch.eye(mask.shape[0], dtype=torch.bool, device=mask.device)
+from densemtl.label_relations import LabelRelation, Sample
+from densemtl.tasks import Task
 
 
 def build_relation(task: Task, config: ContrastiveConfig) -> LabelRelation:
-    """The relation for a source task; a task type without one is a configuration error."""
-    if isinstance(task, ClassMapTask):
-        return ClassRelation(binary=False)
-    if isinstance(task, ProbabilityMapTask):
-        return ClassRelation(binary=True)
-    if isinstance(task, DepthTask):
-        return DepthRelation(config.depth_positive, config.depth_negative)
-    if isinstance(task, NormalsTask):
-        return NormalsRelation(config.normals_positive_deg, config.normals_negative_deg)
-    raise ConfigError(f"contrastive: task '{task.name}' has no rule for positives and negatives")
+    """The source task's rule for positives and negatives; a task without one is a configuration error."""
+    relation = task.label_relation(config)
+    if relation is None:
+        raise ConfigError(f"contrastive: task '{task.name}' has no rule for positives and negatives")
+    return relation
 
 
 def sample_pixels(

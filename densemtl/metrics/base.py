@@ -1,4 +1,4 @@
-"""What every metric shares: named count tensors that are summed over batches and over processes.
+"""What every metric shares: the :class:`Metric` protocol and count tensors summed over batches and processes.
 
 A metric keeps only sums (confusion matrices, sums of errors, histograms, matched-pixel counts), never
 per-batch averages, so the result is the same whatever the batch split and ``sync`` is one
@@ -7,17 +7,32 @@ all-reduce (SUM) per count tensor.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from typing import Protocol, runtime_checkable
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
 
-def as_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A CPU numpy view/copy of a tensor (floats as float64 for exact sums)."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        return value.double().numpy() if value.is_floating_point() else value.numpy()
-    return np.asarray(value)
+@runtime_checkable
+class Metric(Protocol):
+    """What the engine relies on from the metric of a task (:meth:`densemtl.tasks.Task.build_metric`)."""
+
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
+        """Add one batch: ``pred = Task.predict(raw)`` and the batch's target."""
+
+    def compute(self) -> dict[str, float]:
+        """The figures of everything added since the last :meth:`reset`."""
+
+    def reset(self) -> None:
+        """Forget everything accumulated so far."""
+
+    def sync(self) -> None:
+        """Combine the state of all processes (a no-op outside torch.distributed)."""
+
+    def table(self) -> str:
+        """The figures as a text table (per class where the metric has classes)."""
 
 
 def check_shapes(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, name: str) -> None:
@@ -25,21 +40,27 @@ def check_shapes(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndar
         raise ValueError(f"{name}: prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
 
 
-class CountMetric:
-    """Base class: subclasses define :meth:`zero_counts` and fill ``self.counts`` in ``update``."""
+class CountMetric(ABC):
+    """A :class:`Metric` whose state is count tensors declared with :meth:`add_state` in ``__init__``.
+
+    ``update`` adds to them with :meth:`add`; :meth:`reset` puts them back to their zeros and
+    :meth:`sync` sums them over processes.
+    """
 
     def __init__(self) -> None:
         self.counts: dict[str, torch.Tensor] = {}
-        self.reset()
+        self._zeros: dict[str, torch.Tensor] = {}
 
-    def zero_counts(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    def add_state(self, name: str, zeros: torch.Tensor) -> None:
+        """Declare the count tensor ``name``, which starts at (and resets to) ``zeros``; its dtype is kept."""
+        self._zeros[name] = zeros
+        self.counts[name] = zeros.clone()
 
     def reset(self) -> None:
         """Forget everything accumulated so far."""
-        self.counts = self.zero_counts()
+        self.counts = {name: zeros.clone() for name, zeros in self._zeros.items()}
 
-    def add(self, name: str, value: np.ndarray | float | int) -> None:
+    def add(self, name: str, value: np.ndarray | float | int | list[float]) -> None:
         self.counts[name] += torch.as_tensor(value, dtype=self.counts[name].dtype)
 
     def sync(self) -> None:
@@ -49,8 +70,13 @@ class CountMetric:
         for name in sorted(self.counts):
             dist.all_reduce(self.counts[name], op=dist.ReduceOp.SUM)
 
+    @abstractmethod
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
+        """Add one batch's counts."""
+
+    @abstractmethod
     def compute(self) -> dict[str, float]:
-        raise NotImplementedError
+        """The figures of the counts."""
 
     def table(self) -> str:
         """A text table of the figures (subclasses with per-class figures override it)."""

@@ -29,8 +29,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from densemtl.arrays import as_numpy
 from densemtl.constants import IGNORE_INDEX
-from densemtl.metrics.base import CountMetric, as_numpy, check_shapes
+from densemtl.metrics.base import CountMetric, check_shapes
 from densemtl.metrics.boundary_match import MATCHERS, bsds_counts, bsds_kernel, exact_counts
 from densemtl.metrics.edge_nms import thinned_levels
 from densemtl.metrics.edge_protocols import EdgeProtocol, edge_protocol
@@ -125,17 +126,13 @@ class BoundaryMetric(CountMetric):
             np.array(self.protocol.thresholds) if thresholds is None else threshold_levels(thresholds)
         )
         super().__init__()
-
-    def zero_counts(self) -> dict[str, torch.Tensor]:
-        return {
-            "per_threshold": torch.zeros(len(self.thresholds), 4, dtype=torch.int64),
-            "ois": torch.zeros(4, dtype=torch.int64),
-        }
+        self.add_state("per_threshold", torch.zeros(len(self.thresholds), 4, dtype=torch.int64))  # cntR, sumR, cntP, sumP
+        self.add_state("ois", torch.zeros(4, dtype=torch.int64))  # each image's counts at its best threshold
 
     def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
         check_shapes(pred, target, "edge")
-        pred = as_numpy(pred).reshape(-1, *pred.shape[-2:])
-        target = as_numpy(target).reshape(-1, *target.shape[-2:])
+        pred = as_numpy(pred, torch.float64).reshape(-1, *pred.shape[-2:])
+        target = as_numpy(target, torch.float64).reshape(-1, *target.shape[-2:])
         for prob, gt in zip(pred, target, strict=True):
             counts = image_counts(prob, gt, self.max_dist, self.thresholds, self.matcher, self.protocol)
             self.add("per_threshold", counts)

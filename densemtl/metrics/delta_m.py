@@ -1,8 +1,9 @@
 """The multi-task performance delta against single-task baselines.
 
 delta_m = (1/T) sum_t (-1)^{l_t} (M_mt,t - M_st,t) / M_st,t * 100, with l_t = 1 when lower is better
-for task t's primary metric (``Task.primary_metric`` / ``Task.lower_is_better`` in
-:mod:`densemtl.tasks`: mIoU, rmse, mean angle, odsF, maxF). Positive = the multi-task model is better.
+for task t's primary metric (``primary_metric`` / ``lower_is_better`` of the task classes in
+:data:`densemtl.registry.TASKS`: mIoU, rmse, mean angle, odsF, maxF). Positive = the multi-task model is
+better. :func:`relative_change` is the per-task term, also what the trainer's best-checkpoint score averages.
 
 Saliency enters with maxF by default (``eval.delta_m_saliency``), as the tables of ATRC, InvPT and
 TaskPrompter do; ``"mIoU"`` uses Multi-Task-Learning-PyTorch's saliency mIoU instead, for comparisons
@@ -19,9 +20,18 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from densemtl.errors import DataError
-from densemtl.tasks import TASKS
+from densemtl.registry import TASKS
 
-Results = dict[str, dict[str, float]]
+Results = dict[str, dict[str, float]]  # {task: {metric: value}}: what evaluation returns and result files hold
+
+
+def relative_change(value: float, reference: float, lower_is_better: bool) -> float:
+    """``±(value - reference) / |reference|``, the sign making an improvement positive (a fraction, not %).
+
+    A reference of magnitude below 1e-8 counts as 1e-8, so a metric starting at 0 gives a finite change.
+    """
+    change = (value - reference) / max(abs(reference), 1e-8)
+    return -change if lower_is_better else change
 
 
 def load_results(path: str | Path) -> Results:
@@ -80,6 +90,5 @@ def delta_m(
         multi, single = float(results[name][metric]), float(baselines[name][metric])
         if single == 0:
             raise DataError(f"delta_m: the baseline '{metric}' of task '{name}' is 0")
-        sign = -1.0 if task.lower_is_better else 1.0
-        total += sign * (multi - single) / single
+        total += relative_change(multi, single, task.lower_is_better)
     return 100.0 * total / len(names)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from densemtl.metrics.base import CountMetric, as_numpy, check_shapes
+from densemtl.arrays import as_numpy
+from densemtl.metrics.base import CountMetric, check_shapes
 
 MIN_DEPTH = 1e-9
 
@@ -21,16 +22,15 @@ MIN_DEPTH = 1e-9
 class DepthMetric(CountMetric):
     """``update(pred, target)`` with ``B x 1 x H x W`` depths in metres (target 0 = no measurement)."""
 
-    def zero_counts(self) -> dict[str, torch.Tensor]:
-        return {
-            "pixels": torch.zeros((), dtype=torch.int64),
-            "errors": torch.zeros(3, dtype=torch.float64),  # squared, abs-rel, abs log10
-            "within": torch.zeros(3, dtype=torch.int64),  # delta < 1.25, 1.25^2, 1.25^3
-        }
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("pixels", torch.zeros((), dtype=torch.int64))
+        self.add_state("errors", torch.zeros(3, dtype=torch.float64))  # squared, abs-rel, abs log10
+        self.add_state("within", torch.zeros(3, dtype=torch.int64))  # delta < 1.25, 1.25^2, 1.25^3
 
     def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
         check_shapes(pred, target, "depth")
-        pred, target = as_numpy(pred).ravel(), as_numpy(target).ravel()
+        pred, target = as_numpy(pred, torch.float64).ravel(), as_numpy(target, torch.float64).ravel()
         valid = (target > 0) & np.isfinite(target)
         pred, target = pred[valid], target[valid]
         if not np.isfinite(pred).all():

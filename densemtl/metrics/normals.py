@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from densemtl.metrics.base import CountMetric, as_numpy, check_shapes
+from densemtl.arrays import as_numpy
+from densemtl.metrics.base import CountMetric, check_shapes
 
 BIN_DEG = 0.01
 NUM_BINS = int(round(180.0 / BIN_DEG))
@@ -30,19 +31,18 @@ def angles_deg(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 class NormalsMetric(CountMetric):
     """``update(pred, target)`` with ``B x 3 x H x W`` normals (target zero vector = invalid)."""
 
-    def zero_counts(self) -> dict[str, torch.Tensor]:
-        return {
-            "sums": torch.zeros(2, dtype=torch.float64),  # angle, angle^2
-            "within": torch.zeros(len(THRESHOLDS_DEG), dtype=torch.int64),
-            "histogram": torch.zeros(NUM_BINS, dtype=torch.int64),
-        }
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("sums", torch.zeros(2, dtype=torch.float64))  # angle, angle^2
+        self.add_state("within", torch.zeros(len(THRESHOLDS_DEG), dtype=torch.int64))
+        self.add_state("histogram", torch.zeros(NUM_BINS, dtype=torch.int64))
 
     def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
         check_shapes(pred, target, "normals")
         if pred.ndim != 4 or pred.shape[1] != 3:
             raise ValueError(f"normals: expected B x 3 x H x W, got {tuple(pred.shape)}")
-        pred = np.moveaxis(as_numpy(pred), 1, 0).reshape(3, -1)  # channels first: no copy for one image
-        target = np.moveaxis(as_numpy(target), 1, 0).reshape(3, -1)
+        pred = np.moveaxis(as_numpy(pred, torch.float64), 1, 0).reshape(3, -1)  # channels first: no copy, one image
+        target = np.moveaxis(as_numpy(target, torch.float64), 1, 0).reshape(3, -1)
         valid = (target != 0).any(axis=0)
         angles = angles_deg(pred[:, valid], target[:, valid])
         self.add("sums", [angles.sum(), np.square(angles).sum()])

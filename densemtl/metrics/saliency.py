@@ -20,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from densemtl.arrays import as_numpy
 from densemtl.constants import IGNORE_INDEX
-from densemtl.metrics.base import CountMetric, as_numpy, check_shapes
+from densemtl.metrics.base import CountMetric, check_shapes
 
 BETA2 = 0.3
 IOU_THRESHOLDS = np.linspace(0.2, 0.9, 15).astype(np.float32)
@@ -40,21 +41,16 @@ class SaliencyMetric(CountMetric):
             raise ValueError(f"saliency thresholds must be positive, got {thresholds}")
         self.thresholds = np.round(np.linspace(0.05, 0.95, thresholds), 12)  # 0.6 is the double nearest 0.6
         super().__init__()
-
-    def zero_counts(self) -> dict[str, torch.Tensor]:
-        k = len(self.thresholds)
-        return {
-            "tp": torch.zeros(k, dtype=torch.int64),
-            "predicted": torch.zeros(k, dtype=torch.int64),
-            "actual": torch.zeros((), dtype=torch.int64),
-            "iou": torch.zeros(len(IOU_THRESHOLDS), dtype=torch.float64),  # per-image IoU summed per threshold
-            "images": torch.zeros((), dtype=torch.int64),
-        }
+        self.add_state("tp", torch.zeros(thresholds, dtype=torch.int64))
+        self.add_state("predicted", torch.zeros(thresholds, dtype=torch.int64))
+        self.add_state("actual", torch.zeros((), dtype=torch.int64))
+        self.add_state("iou", torch.zeros(len(IOU_THRESHOLDS), dtype=torch.float64))  # per-image IoU, summed
+        self.add_state("images", torch.zeros((), dtype=torch.int64))
 
     def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
         check_shapes(pred, target, "saliency")
-        pred = as_numpy(pred).reshape(pred.shape[0], -1)
-        target = as_numpy(target).reshape(target.shape[0], -1)
+        pred = as_numpy(pred, torch.float64).reshape(pred.shape[0], -1)
+        target = as_numpy(target, torch.float64).reshape(target.shape[0], -1)
         for p, t in zip(pred, target, strict=True):
             valid = t != IGNORE_INDEX
             p, positive = p[valid], t[valid] > 0.5

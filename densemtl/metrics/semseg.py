@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from densemtl.arrays import as_numpy
 from densemtl.constants import IGNORE_INDEX
-from densemtl.metrics.base import CountMetric, as_numpy, check_shapes
+from densemtl.metrics.base import CountMetric, check_shapes
 
 
 class ConfusionMetric(CountMetric):
@@ -29,14 +30,12 @@ class ConfusionMetric(CountMetric):
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         super().__init__()
-
-    def zero_counts(self) -> dict[str, torch.Tensor]:
-        return {"confusion": torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)}
+        self.add_state("confusion", torch.zeros(num_classes, num_classes, dtype=torch.int64))  # target x prediction
 
     def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
         check_shapes(pred, target, "semseg")
-        pred = as_numpy(pred).astype(np.int64).ravel()
-        target = as_numpy(target).astype(np.int64).ravel()
+        pred = as_numpy(pred, torch.float64).astype(np.int64).ravel()
+        target = as_numpy(target, torch.float64).astype(np.int64).ravel()
         valid = target != IGNORE_INDEX
         pred, target = pred[valid], target[valid]
         for name, values in (("prediction", pred), ("target", target)):

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import math
 from itertools import combinations
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densemtl.models.architecture import Architecture
 from densemtl.models.backbones import build_backbone
 from densemtl.models.decoders import conv_bn_relu, resize_to_input
+from densemtl.models.output import ModelOutput
 
 if TYPE_CHECKING:
     from densemtl.config import Config
@@ -220,7 +222,7 @@ class MTCPModel(nn.Module):
             self.projectors = nn.ModuleDict({t: nn.Conv2d(channels, channels, 1) for t in names})
         self.feature_channels = {t: channels for t in names}
 
-    def forward(self, image: torch.Tensor) -> dict[str, Any]:
+    def forward(self, image: torch.Tensor) -> ModelOutput:
         height, width = image.shape[-2:]
         levels = [lateral(x) for lateral, x in zip(self.laterals, self.backbone(image), strict=True)]
         decoded = {t: decoder(levels) for t, decoder in self.decoders.items()}
@@ -236,7 +238,7 @@ class MTCPModel(nn.Module):
             features[t] = final[..., :crop_h, :crop_w]
             intermediate[t] = [raw[..., :crop_h, :crop_w] for raw in steps]
             pred[t] = self.heads[t](final, (height, width))
-        output: dict[str, Any] = {"pred": pred, "features": features, "intermediate": intermediate}
+        output: ModelOutput = {"pred": pred, "features": features, "intermediate": intermediate}
         extra = {}
         if self.projectors is not None:
             embeddings = [self.projectors[t](fused[t]) for t in self.projectors]
@@ -248,3 +250,6 @@ class MTCPModel(nn.Module):
 def build_mtcp(config: Config, info: DatasetInfo, tasks: dict[str, Task]) -> MTCPModel:
     """The MT-CP network for ``tasks`` (``info`` is accepted for the common model-builder signature)."""
     return MTCPModel(config, tasks)
+
+
+MTCP = Architecture(build=build_mtcp)  # one training phase, deployed as trained

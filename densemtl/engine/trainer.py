@@ -1,34 +1,30 @@
-"""Training: the step loop every method plugs into, and ``run_training`` for a whole run.
+"""One training phase: the step loop every method plugs into.
 
 :class:`Trainer` runs one phase: a model, the parameters it updates, an :class:`Objective` (plus an
 optional loss hook), a number of steps. It owns AdamW (no weight decay on norms and biases), the
 warm-up schedule, gradient clipping, mixed precision, gradient accumulation, the EMA of weights,
 exact resume (RNG states and the data position are checkpointed), DDP under torchrun, validation,
-logging (tqdm, TensorBoard, ``log.jsonl``, a ``val_predictions.png`` grid) and the ``last.pt`` /
-``best.pt`` checkpoints of its run directory. Multi-phase methods call it once per phase with their own run directory.
+logging (:class:`~densemtl.engine.logger.RunLogger`, a ``val_predictions.png`` grid) and the ``last.pt`` /
+``best.pt`` checkpoints of its run directory. An architecture trained in several phases gets one Trainer per
+phase, each with its own run directory (:mod:`densemtl.engine.phased`).
 
-The best checkpoint is the one with the highest mean normalised primary metric: for each task,
-``±(M_t - R_t) / |R_t|`` with ``R_t`` the task's primary metric at the first validation of the run and
-the sign making higher better; the mean over tasks is the delta_m of the run against its own start.
+The best checkpoint is the one with the highest :func:`~densemtl.engine.results.primary_score` against the
+first validation of the run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
@@ -40,20 +36,16 @@ from densemtl.data.transforms import JointTransform, denormalize_image
 from densemtl.dataset_info import DatasetInfo
 from densemtl.engine import distributed
 from densemtl.engine.checkpoint import capture_rng, info_to_dict, load_checkpoint, restore_rng, save_checkpoint
-from densemtl.engine.objective import Objective, build_objective, shared_parameters
+from densemtl.engine.logger import RunLogger
+from densemtl.engine.objective import Objective, shared_parameters
+from densemtl.engine.results import primary_score, write_results
 from densemtl.engine.schedule import build_scheduler
 from densemtl.errors import ConfigError, TrainingDiverged, UserError
-from densemtl.tasks import Task
+from densemtl.metrics.delta_m import Results
+from densemtl.models.output import ModelOutput
 
-Results = dict[str, dict[str, float]]
 Evaluator = Callable[[nn.Module], Results]
-LossHook = Callable[[nn.Module, dict[str, Any], dict[str, Any]], dict[str, torch.Tensor]]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+LossHook = Callable[[nn.Module, ModelOutput, dict[str, Any]], dict[str, torch.Tensor]]
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -112,31 +104,6 @@ class WeightEMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.updates = state["updates"]
-
-
-def primary_score(results: Results, tasks: dict[str, Task], reference: Results) -> float:
-    """Mean over tasks of the signed relative change of the primary metric against ``reference``."""
-    changes = []
-    for name, task in tasks.items():
-        metric = task.primary_metric
-        if metric not in results.get(name, {}) or metric not in reference.get(name, {}):
-            continue
-        ref = reference[name][metric]
-        change = (results[name][metric] - ref) / max(abs(ref), 1e-8)
-        changes.append(-change if task.lower_is_better else change)
-    return float(np.mean(changes)) if changes else 0.0
-
-
-def format_results(results: Results, tasks: dict[str, Task] | None = None) -> str:
-    """A text table, one row per task: the primary metric first, then the others."""
-    rows = []
-    for name, metrics in results.items():
-        primary = tasks[name].primary_metric if tasks and name in tasks else None
-        keys = ([primary] if primary in metrics else []) + [k for k in metrics if k != primary]
-        cells = "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics[k], (int, float)))
-        rows.append(f"{name:<12} {cells}")
-    width = max((len(row) for row in rows), default=20)
-    return "\n".join(["results (one row per task)", "-" * width, *rows])
 
 
 class Trainer:
@@ -397,7 +364,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "balancer": self.objective.state_dict(),
+            "objective": self.objective.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": rng_all,
             "step": self.step,
@@ -414,7 +381,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.objective.load_state_dict(state["balancer"])
+        self.objective.load_state_dict(state["objective" if "objective" in state else "balancer"])  # older runs
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         rng = state["rng"]
@@ -448,16 +415,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> Results | None:
         """Train until ``steps``; returns the last validation results (None without an evaluator)."""
-        if resume:
-            self.resume()
-            if self.step >= self.steps and self.is_main:
-                print(f"densemtl: {self.run_dir} already holds all {self.steps} steps; raise train.steps to go on")
-        if self.is_main and not resume:
-            self._clear_previous_run()
-        logger = RunLogger(self.run_dir, self.is_main, fresh=not resume)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+        logger = self._open_run(resume)
         images_per_step = self.config.data.batch_size * self.train_cfg.accumulate * self.dist.world_size
         bar = tqdm(total=self.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
         window: dict[str, torch.Tensor | float] = {}
@@ -485,14 +443,7 @@ class Trainer:
                     logger.scalars("train", self.step, record)
                     window, window_steps, window_start, self.data_wait = {}, 0, time.perf_counter(), 0.0
                 evaluated = self.step % self.train_cfg.eval_every == 0 or at_end
-                improved = False
-                if evaluated:
-                    results, improved = self.validate()
-                    if results is not None:
-                        logger.results(self.step, results, self.best)
-                        logger.image(self.step, self.prediction_grid() if self.is_main else None)
-                        if self.is_main:
-                            write_results(self.run_dir, self.config, results, self.step, self.best)
+                improved = self._validate_and_record(logger) if evaluated else False
                 if self.step % self.train_cfg.checkpoint_every == 0 or at_end or evaluated:
                     self.save(best=improved)
         finally:
@@ -500,142 +451,26 @@ class Trainer:
             logger.close()
         return self.last_results
 
+    def _open_run(self, resume: bool) -> RunLogger:
+        """Resume from ``last.pt`` or clear what an earlier run left, write ``config.yaml``; the run's logger."""
+        if resume:
+            self.resume()
+            if self.step >= self.steps and self.is_main:
+                print(f"densemtl: {self.run_dir} already holds all {self.steps} steps; raise train.steps to go on")
+        if self.is_main and not resume:
+            self._clear_previous_run()
+        logger = RunLogger(self.run_dir, self.is_main, fresh=not resume)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+        return logger
 
-class RunLogger:
-    """``log.jsonl`` (every figure, one JSON object a line) and TensorBoard scalars/images; rank 0 only."""
-
-    def __init__(self, run_dir: Path, active: bool, fresh: bool) -> None:
-        self.active = active
-        self.run_dir = run_dir
-        self.writer = None
-        self.stream = None
-        if active:
-            from torch.utils.tensorboard import SummaryWriter
-
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.stream = open(run_dir / "log.jsonl", "w" if fresh else "a")
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def _write(self, record: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(record) + "\n")
-        self.stream.flush()
-
-    def scalars(self, kind: str, step: int, figures: dict[str, float]) -> None:
-        if not self.active:
-            return
-        self._write({"kind": kind, "step": step, **figures})
-        for key, value in figures.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(f"{kind}/{key}", value, step)
-
-    def results(self, step: int, results: Results, best: dict[str, Any]) -> None:
-        if not self.active:
-            return
-        self._write({"kind": "val", "step": step, "results": results, "best_score": best["score"],
-                     "best_step": best["step"]})
-        for task, metrics in results.items():
-            for metric, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"val/{task}/{metric}", value, step)
-
-    def image(self, step: int, grid: np.ndarray | None) -> None:
-        """The prediction grid to TensorBoard and, replacing the previous one, ``val_predictions.png``."""
-        if self.active and grid is not None:
-            self.writer.add_image("val/predictions (image, then target | prediction per task)", grid, step,
-                                  dataformats="HWC")
-            Image.fromarray(grid).save(self.run_dir / "val_predictions.png")
-
-    def close(self) -> None:
-        if self.active:
-            self.stream.close()
-            self.writer.close()
-
-
-def write_results(run_dir: Path, config: Config, results: Results, step: int, best: dict[str, Any]) -> Path:
-    """``results.json``: ``{"config", "results": {task: {metric: value}}, "step", "best"}``."""
-    path = run_dir / "results.json"
-    payload = {"config": to_dict(config), "results": results, "step": step,
-               "best": {"step": best["step"], "score": best["score"]}}
-    temp = path.with_suffix(".json.tmp")
-    temp.write_text(json.dumps(payload, indent=2))
-    temp.replace(path)
-    return path
-
-
-def build_evaluator(config: Config, dataset: Dataset, tasks: dict[str, Task], device: torch.device) -> Evaluator:
-    """The validation of a run: :func:`densemtl.engine.evaluate.evaluate_model` on ``dataset``."""
-    from densemtl.engine.evaluate import evaluate_model
-
-    def evaluator(model: nn.Module) -> Results:
-        return evaluate_model(model, dataset, tasks, config, device=device)
-
-    return evaluator
-
-
-@dataclass
-class RunSetup:
-    """What every training pipeline builds first: the process layout, the device, data and tasks."""
-
-    dist_info: distributed.DistInfo
-    device: torch.device
-    train_set: Dataset
-    val_set: Dataset
-    info: DatasetInfo
-    tasks: dict[str, Task]
-
-    def steps_per_epoch(self, config: Config) -> int:
-        """Optimiser steps in one pass over the training set (the window of epoch-based balancers)."""
-        per_step = config.data.batch_size * config.train.accumulate * self.dist_info.world_size
-        return max(len(self.train_set) // per_step, 1)
-
-
-def prepare_run(config: Config) -> RunSetup:
-    """Join torchrun's process group, seed, and build the datasets (rank 0 generates caches first) and tasks.
-
-    Call :func:`distributed.cleanup` when the run ends (``run_training`` does it in a ``finally``).
-    """
-    from densemtl.data import build_dataset
-    from densemtl.tasks import build_tasks
-
-    dist_info, device = distributed.setup(config.train.device)
-    seed_everything(config.train.seed)
-    if not dist_info.is_main:
-        distributed.barrier()  # rank 0 generates and caches the data first
-    train_set = build_dataset(config.data, config.data.train_split, train=True)
-    val_set = build_dataset(config.data, config.data.val_split, train=False)
-    if dist_info.is_main:
-        distributed.barrier()
-    info = train_set.info
-    tasks = build_tasks(config.data.tasks, info, config.loss.normals_loss)
-    return RunSetup(dist_info, device, train_set, val_set, info, tasks)
-
-
-def run_training(config: Config, resume: bool = False) -> Results:
-    """Train the config's model on its data; writes the run directory and returns the final results."""
-    from densemtl.models import build_model
-
-    if config.model.arch == "sharing":  # phased training (densemtl/engine/sharing.py)
-        from densemtl.engine.sharing import run_sharing_pipeline
-
-        return run_sharing_pipeline(config, resume)
-    try:
-        run = prepare_run(config)
-        run_dir = Path(config.out_dir)
-        if run.dist_info.is_main and not resume and (run_dir / "checkpoints" / "last.pt").exists():
-            print(f"densemtl: starting a fresh run in {run_dir} (use --resume to continue the earlier one)")
-        model = build_model(config, run.info, run.tasks)
-        objective = build_objective(config, run.tasks, model.feature_channels, run.steps_per_epoch(config))
-        seed_everything(config.train.seed + run.dist_info.rank)
-        trainer = Trainer(
-            config, model, objective, run.train_set, run_dir, info=run.info,
-            evaluator=build_evaluator(config, run.val_set, run.tasks, run.device), sample_set=run.val_set,
-            dist_info=run.dist_info, device=run.device,
-        )
-        results = trainer.fit(resume=resume) or {}
-        if run.dist_info.is_main:
-            if results:
-                print(format_results(results, run.tasks))
-            print(f"run directory: {run_dir} (best step {trainer.best['step']})")
-        return results
-    finally:
-        distributed.cleanup()
+    def _validate_and_record(self, logger: RunLogger) -> bool:
+        """Validate, log the results and the prediction grid, write ``results.json``; True when the best so far."""
+        results, improved = self.validate()
+        if results is not None:
+            logger.results(self.step, results, self.best)
+            logger.image(self.step, self.prediction_grid() if self.is_main else None)
+            if self.is_main:
+                write_results(self.run_dir, self.config, results, self.step, self.best)
+        return improved

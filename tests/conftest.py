@@ -1,0 +1,122 @@
+"""Helpers shared by several test modules (tiny configs and trainers, a tiny sharing model, geometry checks).
+
+Test modules import them from here (``from tests.conftest import tiny_config``) instead of from each other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# Every densemtl import of the helpers, in one place.
+from densemtl.config import Config, load_config
+from densemtl.data import build_dataset
+from densemtl.data.synthetic import FOCAL_AT_640, synthetic_info
+from densemtl.engine.distributed import DistInfo
+from densemtl.engine.objective import build_objective
+from densemtl.engine.trainer import Trainer
+from densemtl.models import build_model
+from densemtl.models.sharing.model import SharingModel
+from densemtl.tasks import build_tasks
+
+# --- training runs ----------------------------------------------------------------------------------
+
+
+def tiny_config(tmp_path: Path, *overrides: str) -> Config:
+    """A config small enough for a unit test: 32x48 synthetic frames, the CPU backbone, batch 4."""
+    base = [
+        "data.synthetic.height=32", "data.synthetic.width=48", "data.synthetic.num_train=12",
+        "data.synthetic.num_val=4", "data.synthetic.num_test=2", f"data.synthetic.cache_dir={tmp_path / 'cache'}",
+        "data.tasks=[semseg,depth,normals,edge]", "data.batch_size=4", "model.backbone=resnet-tiny",
+        "model.neck_channels=16", "model.head_channels=16", "train.device=cpu", "train.steps=6",
+        "train.warmup_steps=2", "train.log_every=1", "train.eval_every=1000", "train.checkpoint_every=1000",
+        f"out_dir={tmp_path / 'run'}",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def make_trainer(
+    config: Config, run_dir: Path | None = None, model_class: type[nn.Module] | None = None, **kwargs: Any
+) -> Trainer:
+    """A CPU trainer for ``config`` on its synthetic data (seeded like run_training); one process unless
+    ``dist_info`` is given. ``model_class(tasks)`` replaces the config's model."""
+    torch.manual_seed(config.train.seed)
+    train_set = build_dataset(config.data, "train", train=True)
+    tasks = build_tasks(config.data.tasks, train_set.info, config.loss.normals_loss)
+    model = model_class(tasks) if model_class else build_model(config, train_set.info, tasks)
+    objective = build_objective(config, tasks, model.feature_channels)
+    kwargs.setdefault("dist_info", DistInfo())
+    kwargs.setdefault("device", torch.device("cpu"))
+    return Trainer(config, model, objective, train_set, run_dir or Path(config.out_dir), info=train_set.info, **kwargs)
+
+
+def read_log(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["kind"] == kind]
+
+
+# --- computation sharing ----------------------------------------------------------------------------
+
+TINY = [
+    "model.arch=sharing",
+    "data.tasks=[semseg,depth,edge]",
+    "model.backbone_args={hidden_size: 24, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 48,"
+    " patch_size: 8}",
+    "model.head_channels=8",
+    "data.synthetic.height=32",
+    "data.synthetic.width=48",
+]
+
+
+def tiny_model(overrides: list[str] | None = None, trained: bool = True) -> SharingModel:
+    """A tiny sharing model; ``trained`` fakes phase 1 (random deltas, about 7% of the gates open)."""
+    torch.manual_seed(0)
+    config = load_config(None, TINY + (overrides or []))
+    info = synthetic_info()
+    model = build_model(config, info, build_tasks(config.data.tasks, info))
+    if trained:
+        with torch.no_grad():
+            for deltas in model.deltas.values():
+                for delta in deltas.values():
+                    delta.delta.normal_(0.0, 0.05)
+                    delta.gate.raw.copy_((torch.randn_like(delta.gate.raw) * 2.0 - 3.0) / delta.gate.scale)
+        model.set_phase(2)
+    return model.eval()
+
+
+# --- geometry of the synthetic scenes ---------------------------------------------------------------
+
+
+def normals_from_depth(depth: np.ndarray) -> np.ndarray:
+    """Camera-frame normals (x right, y up, z to the viewer) of the surface a z-depth map describes,
+    by central differences of the back-projected points; 3 x (H-2) x (W-2), facing the camera."""
+    height, width = depth.shape
+    focal = FOCAL_AT_640 * width / 640
+    cols, rows = np.meshgrid(np.arange(width) + 0.5 - width / 2, np.arange(height) + 0.5 - height / 2)
+    points = np.stack([cols / focal * depth, -rows / focal * depth, -depth])
+    along_x = points[:, 1:-1, 2:] - points[:, 1:-1, :-2]
+    along_y = points[:, 2:, 1:-1] - points[:, :-2, 1:-1]
+    normals = np.cross(along_x, along_y, axis=0)
+    normals /= np.linalg.norm(normals, axis=0, keepdims=True)
+    return normals * -np.sign((normals * points[:, 1:-1, 1:-1]).sum(axis=0))
+
+
+def label_interior(labels: np.ndarray) -> np.ndarray:
+    """Pixels (without the 1-pixel border) whose 3 x 3 neighbourhood has one label."""
+    height, width = labels.shape
+    centre = labels[1:-1, 1:-1]
+    same = np.ones(centre.shape, bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            same &= labels[1 + dy : height - 1 + dy, 1 + dx : width - 1 + dx] == centre
+    return same
+
+
+def angles_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-pixel angle in degrees between two 3 x H x W unit-vector maps."""
+    return np.degrees(np.arccos(np.clip((a * b).sum(axis=0), -1, 1)))
