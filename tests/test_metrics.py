@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from densemtl.config import EvalConfig
+from densemtl.config import EvalConfig, load_config
 from densemtl.dataset_info import DatasetInfo
-from densemtl.errors import DataError
+from densemtl.errors import ConfigError, DataError
 from densemtl.metrics.base import CountMetric, Metric
 from densemtl.metrics.boundary import BoundaryMetric
 from densemtl.metrics.delta_m import delta_m, load_baselines, load_results
@@ -270,6 +270,7 @@ def test_delta_m_takes_saliency_maxf_or_miou() -> None:
     results = {"saliency": {"maxF": 88.0, "mIoU": 60.0}}
     baselines = {"saliency": {"maxF": 80.0, "mIoU": 75.0}}
     assert delta_m(results, baselines) == pytest.approx(10.0)  # maxF by default
-    assert delta_m(results, baselines, saliency_metric="mIoU") == pytest.approx(-20.0)
-    with pytest.raises(DataError, match="maxF, mIoU"):
-        delta_m(results, baselines, saliency_metric="F")
+    assert delta_m(results, baselines, eval_config=EvalConfig()) == pytest.approx(10.0)
+    assert delta_m(results, baselines, eval_config=EvalConfig(delta_m_saliency="mIoU")) == pytest.approx(-20.0)
+    with pytest.raises(ConfigError, match="eval.delta_m_saliency"):
+        load_config(None, ["eval.delta_m_saliency=F"])

@@ -11,7 +11,7 @@ counts it in a log message).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -114,6 +114,8 @@ class FolderDataset(DenseDataset):
 
     markers: ClassVar[tuple[str, ...]]  # sub-folders (relative paths) of which one identifies the dataset
     task_sources: ClassVar[dict[str, str]] = {}  # task -> source key, where the task's file is another
+    # task -> its evaluation target from (training target, per-sample cache), where the two differ
+    evaluation_targets: ClassVar[dict[str, Callable[[np.ndarray, dict[str, Any]], np.ndarray]]] = {}
 
     def __init__(self, data_config: DataConfig, split: str, train: bool) -> None:
         if not data_config.root:
@@ -171,11 +173,6 @@ class FolderDataset(DenseDataset):
         raise NotImplementedError
 
     @classmethod
-    def evaluation_target(cls, task: str, target: np.ndarray, cache: dict[str, Any]) -> np.ndarray:
-        """The target scored by evaluation where it differs from the training target (default: the same)."""
-        return target
-
-    @classmethod
     def locate(
         cls, root: Path, name: str, sources: dict[str, tuple[str, ...]]
     ) -> tuple[dict[str, Path], list[tuple[str, list[Path]]]]:
@@ -229,8 +226,8 @@ class FolderDataset(DenseDataset):
         raw: dict[str, Any] = {"image": image}
         for task in self.tasks:
             raw[task] = self.read_task(task, files, image.shape[:2], cache)
-            if not self.train:
-                raw[task] = self.evaluation_target(task, raw[task], cache)
+            if not self.train and task in self.evaluation_targets:
+                raw[task] = self.evaluation_targets[task](raw[task], cache)
         raw["meta"] = {"name": self.names[index]}
         return raw
 

@@ -117,6 +117,8 @@ class NYUDDataset(FolderDataset):
     title = "NYUD-v2"
     supported_tasks = ("semseg", "depth", "normals", "edge")
     markers = ("gt_sets",)
+    # boundaries are scored against SEISM's thin(seg2bmap(stored edge map)), as its db_gt.m feeds it
+    evaluation_targets = {"edge": lambda target, cache: seism_boundaries(target[0])[None]}
 
     def __init__(self, data_config: DataConfig, split: str, train: bool) -> None:
         super().__init__(data_config, split, train)
@@ -143,11 +145,6 @@ class NYUDDataset(FolderDataset):
         cls, task: str, files: dict[str, Path], size: tuple[int, int], cache: dict[str, Any]
     ) -> np.ndarray:
         return _READERS[task](files[task])
-
-    @classmethod
-    def evaluation_target(cls, task: str, target: np.ndarray, cache: dict[str, Any]) -> np.ndarray:
-        """Boundaries are scored against SEISM's ``thin(seg2bmap(stored edge map))``, as its ``db_gt.m`` feeds it."""
-        return seism_boundaries(target[0])[None] if task == "edge" else target
 
     @classmethod
     def dataset_info(cls, tasks: Iterable[str]) -> DatasetInfo:

@@ -146,6 +146,8 @@ class PascalContextDataset(FolderDataset):
     supported_tasks = ("semseg", "human_parts", "normals", "saliency", "edge")
     markers = ("ImageSets/Context", "JPEGImages")
     task_sources = {"edge": "labelmap"}
+    # boundaries are scored against SEISM's thin(seg2bmap(LabelMap)), not the training edges
+    evaluation_targets = {"edge": lambda target, cache: seism_boundaries(cache["labelmap"])[None]}
 
     @classmethod
     def split_file(cls, root: Path, split: str) -> Path:
@@ -161,11 +163,6 @@ class PascalContextDataset(FolderDataset):
         cls, task: str, files: dict[str, Path], size: tuple[int, int], cache: dict[str, Any]
     ) -> np.ndarray:
         return _READERS[task](files, size, cache)
-
-    @classmethod
-    def evaluation_target(cls, task: str, target: np.ndarray, cache: dict[str, Any]) -> np.ndarray:
-        """Boundaries are scored against SEISM's ``thin(seg2bmap(LabelMap))``, not the training edges."""
-        return seism_boundaries(cache["labelmap"])[None] if task == "edge" else target
 
     @classmethod
     def dataset_info(cls, tasks: Iterable[str]) -> DatasetInfo:

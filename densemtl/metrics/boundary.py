@@ -126,7 +126,8 @@ class BoundaryMetric(CountMetric):
             np.array(self.protocol.thresholds) if thresholds is None else threshold_levels(thresholds)
         )
         super().__init__()
-        self.add_state("per_threshold", torch.zeros(len(self.thresholds), 4, dtype=torch.int64))  # cntR, sumR, cntP, sumP
+        counts = torch.zeros(len(self.thresholds), 4, dtype=torch.int64)
+        self.add_state("per_threshold", counts)  # cntR, sumR, cntP, sumP per threshold
         self.add_state("ois", torch.zeros(4, dtype=torch.int64))  # each image's counts at its best threshold
 
     def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:

@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from densemtl.config import EvalConfig
 from densemtl.errors import DataError
 from densemtl.registry import TASKS
 
@@ -58,23 +59,11 @@ def load_baselines(paths: Iterable[str | Path]) -> Results:
     return merged
 
 
-SALIENCY_METRICS = ("maxF", "mIoU")
-
-
-def primary_metric(task: str, saliency_metric: str = "maxF") -> str:
-    """The metric of ``task`` that delta_m compares (saliency's is ``saliency_metric``)."""
-    if task == "saliency":
-        if saliency_metric not in SALIENCY_METRICS:
-            known = ", ".join(SALIENCY_METRICS)
-            raise DataError(f"delta_m: saliency metric must be one of {known}, got '{saliency_metric}'")
-        return saliency_metric
-    return TASKS[task].primary_metric
-
-
 def delta_m(
-    results: Results, baselines: Results, tasks: Iterable[str] | None = None, saliency_metric: str = "maxF"
+    results: Results, baselines: Results, tasks: Iterable[str] | None = None, eval_config: EvalConfig | None = None
 ) -> float:
-    """delta_m in percent over ``tasks`` (default: every task in ``results``)."""
+    """delta_m in percent over ``tasks`` (default: every task in ``results``); each task compares the metric
+    its ``delta_m_metric(eval_config)`` names (the primary one unless the config chooses another)."""
     names = list(tasks) if tasks is not None else list(results)
     if not names:
         raise DataError("delta_m needs at least one task")
@@ -83,7 +72,7 @@ def delta_m(
         if name not in TASKS:
             raise DataError(f"delta_m: unknown task '{name}' (known: {', '.join(TASKS)})")
         task = TASKS[name]
-        metric = primary_metric(name, saliency_metric)
+        metric = task.delta_m_metric(eval_config)
         for label, source in (("results", results), ("baselines", baselines)):
             if metric not in source.get(name, {}):
                 raise DataError(f"delta_m: {label} have no '{metric}' for task '{name}'")
