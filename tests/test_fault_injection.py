@@ -15,8 +15,9 @@ from densemtl.engine.checkpoint import load_checkpoint
 from densemtl.engine.run import run_training
 from tests.conftest import densemtl_process, kill_when, logged_step, read_log, tiny_config
 
-STEPS = 14
+STEPS = 16
 KILLS = 3
+STRETCH = 4  # steps between the stretches where the kills land
 TIMING = ("images_per_s", "data_wait_share")  # the only figures of a log line allowed to differ
 
 
@@ -45,21 +46,22 @@ def test_sigkill_at_random_steps_then_resume_ends_bit_identical(tmp_path: Path) 
     # the uninterrupted run in this process (as many threads as the command-line runs get: same arithmetic)
     run_training(load_config(config, [f"out_dir={tmp_path / 'straight'}"]))
 
-    # each kill lands at a random step of its own stretch (a step or two later than seen, as the process runs
-    # on), so the stale lines of the previous segment never pass for progress of the next one
+    # each kill lands at a random step of its own stretch, after the first checkpoint (step 2), and a step or
+    # two later than seen (the process runs on): the stale lines of one segment never pass for the next's
     rng = random.Random(14)
-    stretch = (STEPS - 2) // KILLS
-    targets = [rng.randint(1 + i * stretch, (i + 1) * stretch - 2) for i in range(KILLS)]
+    targets = [rng.randint(3 + i * STRETCH, 3 + i * STRETCH + 1) for i in range(KILLS)]
     run = tmp_path / "killed"
     last = run / "checkpoints" / "last.pt"
     ahead = []  # steps logged beyond the checkpoint at each kill: what resuming must drop from log.jsonl
-    for target in targets:
-        process = densemtl_process("train", str(config), "--out", str(run), *(["--resume"] if last.exists() else []))
+    for index, target in enumerate(targets):
+        assert last.exists() == (index > 0)  # every segment after the first resumes
+        process = densemtl_process("train", str(config), "--out", str(run), *(["--resume"] if index else []))
         kill_when(process, lambda target=target: logged_step(run) >= target)
         assert process.returncode == -9, f"the run ended before step {target}"
         ahead.append(logged_step(run) - (load_checkpoint(last)["step"] if last.exists() else 0))
     assert any(ahead), ahead
-    assert densemtl_process("train", str(config), "--out", str(run), "--resume").wait(timeout=600) == 0
+    print(f"killed after steps {targets} were logged; logged beyond the checkpoint at each kill: {ahead}")
+    run_training(load_config(config, [f"out_dir={run}"]), resume=True)  # the last resume, in this process
 
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     killed = load_checkpoint(run / "checkpoints" / "last.pt")
