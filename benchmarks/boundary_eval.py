@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -247,9 +248,11 @@ def time_split(root: Path, workers: int | None, protocol: str) -> dict:
         end.ru_utime + end.ru_stime - begin.ru_utime - begin.ru_stime
         for begin, end in ((own, own_end), (children, children_end))
     )
-    report = {"workers": workers or available_cores(), "edge_protocol": protocol, "wall_s": wall, "cpu_s": cpu,
-              "results": results}
-    print(f"split: {report['workers']} workers, {protocol}: {wall:.1f} s wall, {cpu:.1f} s CPU")
+    images = len((root / "gt_sets" / "val.txt").read_text().split())
+    report = {"workers": workers or available_cores(), "edge_protocol": protocol, "images": images, "wall_s": wall,
+              "cpu_s": cpu, "cpu_s_per_image": cpu / images, "load_average": os.getloadavg(), "results": results}
+    print(f"split: {report['workers']} workers, {protocol}: {wall:.1f} s wall, {cpu:.1f} s CPU "
+          f"({cpu / images:.3f} s per image; load average {report['load_average'][0]:.1f})")
     return report
 
 
