@@ -20,7 +20,9 @@ installed: the BSDS kernel's time per threshold and both matchers' ODS/OIS/AP si
 images of 480 x 640 (sizes must be multiples of 16) with semseg, depth (16-bit PNG), normals and edges,
 and imperfect predictions of all four tasks (edges: ``--split-clutter`` maps), then times ``densemtl evaluate
 --predictions`` on it with ``--workers`` processes: wall seconds, and CPU seconds of this process and its
-workers together.
+workers together (and per image). ``--split-stages N`` first times N of its frames stage by stage in this
+process (median CPU seconds per image: reading the ground truth and the predictions, each metric update,
+and the boundary update's map, thinning and matching): where the time goes.
 
     python benchmarks/boundary_eval.py --out runs/bench/boundary_eval.json
     python benchmarks/boundary_eval.py --images 0 --split runs/bench/nyud_split --workers 2
