@@ -67,6 +67,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from densemtl.engine.compare import run_compare
+
+    run_compare([Path(path) for path in args.runs], [Path(path) for path in args.baselines], split=args.split,
+                out=Path(args.out) if args.out else None)
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     if args.video:
         from densemtl.engine.video import predict_video
@@ -146,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--all-errors", action="store_true", help="list every bad file, not only the first")
     evaluate.add_argument("--out", help="JSON file for every figure")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    compare = commands.add_parser("compare", help="one table of runs (seeds grouped) with Delta-m vs baselines")
+    compare.add_argument("runs", nargs="+", help="run directories or result files (results.json, evaluate --out)")
+    compare.add_argument("--baselines", nargs="+", default=[], help="single-task runs or result files for Delta-m")
+    compare.add_argument("--split", help="compare results on this split (a run directory's evaluation_SPLIT.json)")
+    compare.add_argument("--out", help="also write the table: .md, .csv or .json")
+    compare.set_defaults(func=_cmd_compare)
 
     predict = commands.add_parser("predict", help="write predictions for images (or a video folder)")
     predict.add_argument("--checkpoint", required=True)

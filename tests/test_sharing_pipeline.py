@@ -78,7 +78,8 @@ def test_evaluate_checkpoint_scores_token_skipping_inference(tmp_path: Path, cap
     results, gflops = {}, {}
     for tau in (0.0, 1e9):
         capsys.readouterr()
-        results[tau] = evaluate_checkpoint(checkpoint, overrides=[f"sharing.threshold={tau}"], out=tmp_path / "e.json")
+        overrides = [f"sharing.threshold={tau}", "eval.boundary_thresholds=5"]  # the thresholds of `dense`
+        results[tau] = evaluate_checkpoint(checkpoint, overrides=overrides, out=tmp_path / "e.json")
         assert f"computation sharing at threshold {tau}" in capsys.readouterr().out
         gflops[tau] = json.loads((tmp_path / "e.json").read_text())["evaluation"]["sharing"]["gflops_per_image"]
     for task, values in dense.items():  # tau 0 is the dense network, up to float rounding

@@ -28,6 +28,7 @@ from densemtl.engine.distributed import env_info, resolve_device
 from densemtl.errors import UserError
 from densemtl.jsonio import write_json
 from densemtl.models import build_model
+from densemtl.models.architecture import ReportsCost
 from densemtl.registry import DATASETS
 from densemtl.tasks import build_tasks
 
@@ -95,6 +96,25 @@ def count_gflops(model: nn.Module, image: torch.Tensor, tasks: list[str]) -> dic
         "shared": (total - sum(per_task.values())) / 1e9,
         "tasks": {name: value / 1e9 for name, value in per_task.items()},
     }
+
+
+def model_cost(config: Config, size: tuple[int, int]) -> dict[str, float]:
+    """Total parameters and GFLOPs of one ``size`` image of the config's model, built without data."""
+    info = dataset_info(config)
+    tasks = build_tasks(list(config.data.tasks), info, config.loss.normals_loss)
+    return deployed_cost(build_model(config, info, tasks).eval(), list(tasks), size)
+
+
+def deployed_cost(model: nn.Module, tasks: list[str], size: tuple[int, int]) -> dict[str, float]:
+    """Parameters and GFLOPs per image of a model as it runs: a deployed form that counts its own cost
+    (:class:`~densemtl.models.architecture.ReportsCost`) says it for the images it has run so far; any other
+    model is counted on one ``size`` image."""
+    parameters = count_parameters(model, tasks)["total"]
+    cost = model.cost_report() if isinstance(model, ReportsCost) else None
+    if cost is not None and cost.gflops_per_image is not None:
+        return {"parameters": parameters, "gflops": cost.gflops_per_image}
+    image = torch.randn(1, 3, *size, device=next(model.parameters()).device)
+    return {"parameters": parameters, "gflops": count_gflops(model, image, tasks)["total"]}
 
 
 def time_forward(model: nn.Module, image: torch.Tensor, repeats: int, label: str) -> float:

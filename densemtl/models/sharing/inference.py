@@ -295,6 +295,7 @@ class SharedInference(nn.Module):
             "sharing",
             {"threshold": self.threshold, "gflops_per_image": gflops},
             f"computation sharing at threshold {self.threshold}: {gflops:.3f} GFLOPs per image (all tasks)",
+            gflops,
         )
 
     @staticmethod
