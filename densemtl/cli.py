@@ -7,6 +7,7 @@ Every command is a thin wrapper around a function that tests call directly; user
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             out=Path(args.out) if args.out else None,
             per_class=args.per_class,
             edge_protocol=args.edge_protocol,
+            tasks=args.tasks,
         )
     return 0
 
@@ -139,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--predictions", help="folder of saved predictions, one sub-folder per task")
     evaluate.add_argument("--dataset", choices=list(DATASETS))
     evaluate.add_argument("--root", help="dataset folder holding the ground truth")
-    evaluate.add_argument("--split", default="val")
-    evaluate.add_argument("--tasks", nargs="+", help="tasks to score (default: those with a sub-folder)")
+    evaluate.add_argument("--split", default="val", help="the dataset split to score (val, test, train)")
+    evaluate.add_argument("--tasks", nargs="+",
+                          help="tasks to score (default: the model's, or those with a predictions sub-folder)")
     evaluate.add_argument("--boundary-matcher", choices=["exact", "bsds"], default=None)
     evaluate.add_argument(
         "--edge-protocol", choices=list(EDGE_PROTOCOLS), default=None,
@@ -152,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--per-class", action="store_true", help="print per-class tables")
     evaluate.add_argument("--all-errors", action="store_true", help="list every bad file, not only the first")
-    evaluate.add_argument("--out", help="JSON file for every figure")
+    evaluate.add_argument("--out", help="JSON file for every figure (with --checkpoint, default: "
+                          "RUN_DIR/evaluation_SPLIT.json)")
     evaluate.set_defaults(func=_cmd_evaluate)
 
     compare = commands.add_parser("compare", help="one table of runs (seeds grouped) with Delta-m vs baselines")
@@ -192,14 +196,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# argument lists of names or paths: a key=value found in them (``--tasks edge eval.x=5``) is an override
+LISTS = ("tasks", "images", "runs", "baselines")
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=.*")
+
+
+def _is_override(item: str) -> bool:
+    return bool(OVERRIDE.fullmatch(item)) and not Path(item).exists()
+
+
+def sort_arguments(args: argparse.Namespace, extra: list[str]) -> None:
+    """Give every ``key=value`` to the command's overrides; refuse, naming them, arguments no option takes and
+    overrides of a command that reads none."""
+    unknown = [item for item in extra if not _is_override(item)]
+    if unknown:
+        raise UserError(f"unrecognized arguments: {' '.join(unknown)}")
+    overrides = list(extra)
+    for name in LISTS:
+        values = getattr(args, name, None)
+        if values:
+            overrides += [item for item in values if _is_override(item)]
+            setattr(args, name, [item for item in values if not _is_override(item)] or None)
+    if not overrides:
+        return
+    if not hasattr(args, "overrides"):
+        raise UserError(f"'{_command(args)}' reads no key=value settings: {' '.join(overrides)}")
+    args.overrides = list(args.overrides or []) + overrides
+
+
+def _command(args: argparse.Namespace) -> str:
+    return " ".join(part for part in (args.command, getattr(args, "data_command", None)) if part)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # overrides may also follow options (`train CONFIG --out DIR key=value`)
-    if extra and all("=" in item and not item.startswith("-") for item in extra) and hasattr(args, "overrides"):
-        args.overrides = list(args.overrides or []) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        sort_arguments(args, extra)  # overrides may also follow options (`train CONFIG --out DIR key=value`)
+    except UserError as err:
+        parser.error(str(err))
     try:
         return args.func(args)
     except UserError as err:
