@@ -35,6 +35,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from densemtl.engine.evaluate import evaluate_checkpoint, evaluate_predictions
 
     if args.predictions:
+        if args.overrides and not args.data:
+            settings = " ".join(args.overrides)
+            raise UserError(f"evaluate --predictions reads key=value settings only with --data: {settings}")
         synthetic = None
         if args.data:  # the generated scenes' settings; datasets read from --root ignore them
             from densemtl.config import load_config
@@ -81,6 +84,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.video:
         from densemtl.engine.video import predict_video
 
+        if len(args.images) != 1:
+            given = " ".join(args.images)
+            raise UserError(f"predict --video takes one folder of frames, got {len(args.images)}: {given}")
         predict_video(Path(args.checkpoint), Path(args.images[0]), Path(args.out))
     else:
         from densemtl.engine.predict import predict_images

@@ -89,4 +89,5 @@ def export_synthetic(synthetic_config: SyntheticConfig, out: Path, grid: bool = 
     if grid and shown is not None:
         picture = label_grid(shown, list(range(min(4, len(shown["image"])))))
         Image.fromarray(picture).save(out / "grid.png", optimize=True)
+    print(f"synthetic dataset written to {out} (NYUD-v2 layout)")
     return out

@@ -167,7 +167,7 @@ def run_bench(config: Config, out: Path | None, repeats: int) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
     }
     print(format_table(result))
-    write_json(result, out if out is not None else Path(config.out_dir) / "bench.json")
+    print(f"figures written to {write_json(result, out if out is not None else Path(config.out_dir) / 'bench.json')}")
     return result
 
 

@@ -28,6 +28,8 @@ def read_image(path: Path) -> np.ndarray:
 
     A missing or unreadable file is a :class:`DataError` naming it.
     """
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not an image (add --video to predict its frames in order)")
     if not path.is_file():
         raise DataError(f"{path}: image not found")
     try:
@@ -66,4 +68,5 @@ def predict_images(checkpoint: Path, images: list[Path], out: Path, device: str 
         panel = out / "panels" / f"{path.stem}.png"
         Image.fromarray(np.concatenate(pictures, axis=1)).save(panel)
         written.append(panel)
+    print(f"predictions of {len(images)} image(s) written to {out} ({', '.join(loaded.tasks)}, panels)")
     return written
