@@ -99,8 +99,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from densemtl.config import load_config
     from densemtl.engine.bench import run_bench
 
-    config = load_config(args.config, args.overrides)
-    run_bench(config, out=Path(args.out) if args.out else None, repeats=args.repeats)
+    out = Path(args.out) if args.out else None
+    if args.checkpoint and args.config and _is_override(args.config):  # `bench --checkpoint CKPT key=value`
+        args.config, args.overrides = None, [args.config, *args.overrides]
+    if args.checkpoint:
+        if args.config:
+            raise UserError(f"bench takes a CONFIG or --checkpoint, not both (got {args.config})")
+        run_bench(None, out, args.repeats, checkpoint=Path(args.checkpoint), overrides=args.overrides,
+                  images=args.image_count)
+    elif not args.config:
+        raise UserError("bench needs a CONFIG or --checkpoint CKPT")
+    else:
+        run_bench(load_config(args.config, args.overrides), out, args.repeats)
     return 0
 
 
@@ -179,9 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--video", action="store_true", help="reuse computation across consecutive frames")
     predict.set_defaults(func=_cmd_predict)
 
-    bench = commands.add_parser("bench", help="parameters, GFLOPs, latency and throughput of a config's model")
-    bench.add_argument("config")
+    bench = commands.add_parser("bench", help="parameters, GFLOPs, latency and throughput of a model")
+    bench.add_argument("config", nargs="?", help="the config whose model to build (random weights, no data read)")
     bench.add_argument("overrides", nargs="*")
+    bench.add_argument("--checkpoint", help="measure this checkpoint's model as deployed instead of a config's")
+    bench.add_argument("--images", type=int, default=8, dest="image_count",
+                       help="with --checkpoint: validation images a deployed form counting its own cost runs first")
     bench.add_argument("--repeats", type=int, default=20)
     bench.add_argument("--out", help="JSON file for the figures")
     bench.set_defaults(func=_cmd_bench)

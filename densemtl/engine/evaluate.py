@@ -143,7 +143,7 @@ def evaluate_model(
     return compute_all(metrics)
 
 
-def _checkpoint_config(state: dict[str, Any], data_config: str | Path | None, overrides: list[str] | None) -> Config:
+def checkpoint_config(state: dict[str, Any], data_config: str | Path | None, overrides: list[str] | None) -> Config:
     """The checkpoint's config for evaluation: the full boundary protocol (its own thresholds, not a quicker
     count training may have used), the data section replaced by ``data_config``'s, then ``overrides``."""
     data = dict(state["config"])
@@ -212,7 +212,7 @@ def evaluate_checkpoint(
     from densemtl.engine.checkpoint import load_checkpoint, model_from_state
 
     state = load_checkpoint(checkpoint)
-    config = _checkpoint_config(state, data_config, overrides)
+    config = checkpoint_config(state, data_config, overrides)
     config.eval = _eval_options(config.eval, matcher, edge_protocol)
     dist_info, device = distributed.setup(config.train.device)
     loaded = model_from_state(state, config, checkpoint, device)
