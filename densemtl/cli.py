@@ -87,9 +87,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if len(args.images) != 1:
             given = " ".join(args.images)
             raise UserError(f"predict --video takes one folder of frames, got {len(args.images)}: {given}")
-        predict_video(Path(args.checkpoint), Path(args.images[0]), Path(args.out))
+        predict_video(Path(args.checkpoint), Path(args.images[0]), Path(args.out), args.keyframe_interval,
+                      args.threshold, args.temporal_threshold)
     else:
         from densemtl.engine.predict import predict_images
+
+        video_options = [args.keyframe_interval, args.threshold, args.temporal_threshold]
+        if any(option is not None for option in video_options):
+            raise UserError("--keyframe-interval, --threshold and --temporal-threshold need --video")
 
         predict_images(Path(args.checkpoint), [Path(p) for p in args.images], Path(args.out))
     return 0
@@ -119,7 +124,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     from densemtl.data.export import export_synthetic
 
     config = load_config(args.config, args.overrides)
-    export_synthetic(config.data.synthetic, Path(args.out), grid=args.grid)
+    export_synthetic(config.data.synthetic, Path(args.out), grid=args.grid, clips=args.clips)
     return 0
 
 
@@ -186,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", required=True)
     predict.add_argument("images", nargs="+", help="image files (or, with --video, one folder of frames)")
     predict.add_argument("--out", required=True)
-    predict.add_argument("--video", action="store_true", help="reuse computation across consecutive frames")
+    predict.add_argument("--video", action="store_true",
+                         help="one folder of consecutive frames (a sharing model reuses computation across them)")
+    predict.add_argument("--keyframe-interval", type=int, help="--video: frames per keyframe (sharing models)")
+    predict.add_argument("--threshold", type=float, help="--video: sub-task reuse threshold (sharing models)")
+    predict.add_argument("--temporal-threshold", type=float, help="--video: frame-to-frame reuse threshold")
     predict.set_defaults(func=_cmd_predict)
 
     bench = commands.add_parser("bench", help="parameters, GFLOPs, latency and throughput of a model")
@@ -206,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--config", default=None, help="config whose data.synthetic section to use")
     synth.add_argument("overrides", nargs="*")
     synth.add_argument("--grid", action="store_true", help="also write a PNG grid of a few frames")
+    synth.add_argument("--clips", action="store_true",
+                       help="also write the video clips, one folder of frames each (clips/clip000/0000.png, ...)")
     synth.set_defaults(func=_cmd_data_synth)
     check = data_commands.add_parser("check", help="validate a dataset folder before a long run")
     check.add_argument("root")

@@ -159,8 +159,7 @@ def checkpoint_model(checkpoint: Path, overrides: list[str] | None, images: int)
     ``sharing.threshold``). A deployed form that counts its own cost runs the first ``images`` images of the
     validation split first: that cost depends on the images."""
     from densemtl.data import build_dataset
-    from densemtl.engine.checkpoint import load_checkpoint, model_from_state
-    from densemtl.engine.evaluate import checkpoint_config
+    from densemtl.engine.checkpoint import checkpoint_config, load_checkpoint, model_from_state
 
     if images < 1:
         raise UserError(f"--images must be at least 1, got {images}")

@@ -26,10 +26,6 @@ from densemtl.config import (
     DataConfig,
     EvalConfig,
     SyntheticConfig,
-    from_dict,
-    merge_dicts,
-    parse_overrides,
-    read_yaml,
     to_dict,
 )
 from densemtl.data.base import collate
@@ -143,21 +139,6 @@ def evaluate_model(
     return compute_all(metrics)
 
 
-def checkpoint_config(state: dict[str, Any], data_config: str | Path | None, overrides: list[str] | None) -> Config:
-    """The checkpoint's config for evaluation: the full boundary protocol (its own thresholds, not a quicker
-    count training may have used), the data section replaced by ``data_config``'s, then ``overrides``."""
-    data = dict(state["config"])
-    data["eval"] = {**data.get("eval", {}), "boundary_thresholds": None}
-    source = "checkpoint config"
-    if data_config is not None:
-        data["data"] = read_yaml(data_config).get("data", {})
-        source += f" + data of {data_config}"
-    if overrides:
-        data = merge_dicts(data, parse_overrides(overrides))
-        source += " + overrides"
-    return from_dict(data, source)
-
-
 def default_evaluation_file(checkpoint: Path, split: str) -> Path:
     """Where ``evaluate --checkpoint`` writes its figures without ``--out``: ``evaluation_<split>.json`` in the
     run directory of a checkpoint in ``<run>/checkpoints/``, else beside the checkpoint."""
@@ -209,7 +190,7 @@ def evaluate_checkpoint(
     """
     from densemtl.data import build_dataset
     from densemtl.engine.bench import deployed_cost
-    from densemtl.engine.checkpoint import load_checkpoint, model_from_state
+    from densemtl.engine.checkpoint import checkpoint_config, load_checkpoint, model_from_state
 
     state = load_checkpoint(checkpoint)
     config = checkpoint_config(state, data_config, overrides)

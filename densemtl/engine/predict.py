@@ -18,6 +18,7 @@ from tqdm import tqdm
 from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import load_model
 from densemtl.errors import DataError, UserError
+from densemtl.tasks import Task
 
 _WIDE_GREY = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # integer grey modes holding more than 8 bits
 
@@ -43,6 +44,22 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read image ({err})") from None
 
 
+def save_predictions(
+    rgb: np.ndarray, tasks: dict[str, Task], raw: dict[str, torch.Tensor], out: Path, stem: str
+) -> tuple[list[Path], np.ndarray]:
+    """Write each task's map of one image (raw outputs of batch 1) and its colour panel ``out/panels/<stem>.png``
+    (the image, then each task's colourised prediction); returns the files written and the panel."""
+    written, pictures = [], [rgb]
+    for name, task in tasks.items():
+        prediction = task.predict(raw[name].float())[0].cpu()
+        written.append(task.save(prediction, out / name / stem))
+        pictures.append(task.colorize(prediction))
+    panel = np.concatenate(pictures, axis=1)
+    written.append(out / "panels" / f"{stem}.png")
+    Image.fromarray(panel).save(written[-1])
+    return written, panel
+
+
 def predict_images(checkpoint: Path, images: list[Path], out: Path, device: str | None = None) -> list[Path]:
     """Write the predictions of ``checkpoint`` for ``images`` under ``out``; returns the files written."""
     stems = [Path(p).stem for p in images]
@@ -60,13 +77,6 @@ def predict_images(checkpoint: Path, images: list[Path], out: Path, device: str 
         rgb = read_image(path)
         with torch.no_grad():
             raw = loaded.model(normalize_image(rgb)[None].to(target))["pred"]
-        pictures = [rgb]
-        for name, task in loaded.tasks.items():
-            prediction = task.predict(raw[name].float())[0].cpu()
-            written.append(task.save(prediction, out / name / path.stem))
-            pictures.append(task.colorize(prediction))
-        panel = out / "panels" / f"{path.stem}.png"
-        Image.fromarray(np.concatenate(pictures, axis=1)).save(panel)
-        written.append(panel)
+        written += save_predictions(rgb, loaded.tasks, raw, out, path.stem)[0]
     print(f"predictions of {len(images)} image(s) written to {out} ({', '.join(loaded.tasks)}, panels)")
     return written
