@@ -23,16 +23,21 @@ from densemtl.tasks import Task
 _WIDE_GREY = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # integer grey modes holding more than 8 bits
 
 
+def check_image_path(path: Path) -> None:
+    """A DataError naming ``path`` when it is a folder or no file."""
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not an image (add --video to predict its frames in order)")
+    if not path.is_file():
+        raise DataError(f"{path}: image not found")
+
+
 def read_image(path: Path) -> np.ndarray:
     """An RGB uint8 H x W x 3 array as the picture is meant to be seen: turned by its EXIF orientation, and
     16-bit grey scaled to 8 bits (``v / 257``, where converting would clip everything over 255 to white).
 
     A missing or unreadable file is a :class:`DataError` naming it.
     """
-    if path.is_dir():
-        raise DataError(f"{path}: a folder, not an image (add --video to predict its frames in order)")
-    if not path.is_file():
-        raise DataError(f"{path}: image not found")
+    check_image_path(path)
     try:
         with Image.open(path) as image:
             upright = ImageOps.exif_transpose(image)
@@ -66,6 +71,8 @@ def predict_images(checkpoint: Path, images: list[Path], out: Path, device: str 
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:
         raise UserError(f"predict: several images are named {', '.join(duplicates)}; outputs would overwrite")
+    for path in images:  # before the model is loaded
+        check_image_path(Path(path))
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_model(checkpoint, target)
     out = Path(out)
