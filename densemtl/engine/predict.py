@@ -71,10 +71,10 @@ def predict_images(checkpoint: Path, images: list[Path], out: Path, device: str 
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:
         raise UserError(f"predict: several images are named {', '.join(duplicates)}; outputs would overwrite")
-    for path in images:  # before the model is loaded
-        check_image_path(Path(path))
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_model(checkpoint, target)
+    for path in images:  # before any is predicted
+        check_image_path(Path(path))
     out = Path(out)
     for name in [*loaded.tasks, "panels"]:
         (out / name).mkdir(parents=True, exist_ok=True)
