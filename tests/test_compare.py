@@ -110,3 +110,28 @@ def test_a_run_directory_and_its_test_evaluation(tmp_path, capsys):
     assert recorded["protocol"]["split"] == "test" and recorded["cost"]["gflops"] > 0
     assert main(["compare", str(run)]) == 0  # results.json: the validation split, cost counted from the config
     assert "synthetic val split" in capsys.readouterr().out
+
+
+def test_eval_baselines_make_training_and_evaluate_report_delta_m(tmp_path, capsys):
+    """Baselines named in the config: evaluate records Delta-m as compare computes it; training prints it, and
+    says why not when the baselines were recorded on another split."""
+    semseg = write_result(tmp_path, "b_semseg", {"semseg": {"mIoU": 20.0}}, "model.arch=single")
+    depth = write_result(tmp_path, "b_depth", {"depth": {"rmse": 1.5}}, "model.arch=single")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps(to_dict(tiny_config(tmp_path, "train.steps=2", "data.tasks=[semseg,depth]",
+                                                     f"eval.baselines=[{semseg},{depth}]"))))
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run)]) == 0
+    assert "Delta-m vs eval.baselines: " in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt")]) == 0
+    assert "Delta-m vs eval.baselines: " in capsys.readouterr().out
+    written = json.loads((run / "evaluation_val.json").read_text())
+    expected = delta_m(written["results"], {"semseg": {"mIoU": 20.0}, "depth": {"rmse": 1.5}})
+    assert written["delta_m"]["delta_m"] == pytest.approx(expected)
+    assert set(written["delta_m"]["baselines"]) == set(written["delta_m"]["relative"]) == {"semseg", "depth"}
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--split", "test"]) == 2
+    assert "results on split 'val', not 'test'" in capsys.readouterr().err
+    test_split = write_result(tmp_path, "b_test", {"semseg": {"mIoU": 20.0}}, split="test")
+    assert main(["train", str(config), "--out", str(tmp_path / "run2"), f"eval.baselines=[{test_split}]"]) == 0
+    printed = capsys.readouterr().out
+    assert f"densemtl: Delta-m not reported: {test_split}: results on split 'test', not 'val'" in printed

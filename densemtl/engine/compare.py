@@ -94,7 +94,7 @@ def read_input(path: Path, split: str | None) -> ResultFile:
     if protocol is None:
         raise DataError(f"{path}: records no protocol (dataset, split, metric settings); evaluate again with --out")
     if split is not None and protocol["split"] != split:
-        raise UserError(f"{path}: results on split '{protocol['split']}', not '{split}' (--split)")
+        raise UserError(f"{path}: results on split '{protocol['split']}', not '{split}' (the split compared)")
     return ResultFile(path, data["results"], protocol, config, data.get("cost"))
 
 
@@ -232,6 +232,29 @@ def compare(runs: Sequence[Path], baselines: Sequence[Path] = (), split: str | N
     reference, sources = baseline_figures(group_seeds(baseline_files), eval_config) if baselines else (None, {})
     rows = [_row(group, metrics, reference, eval_config) for group in groups]
     return Comparison(tasks, metrics, rows, sources, run_files[0].protocol)
+
+
+def read_baselines(paths: Sequence[str | Path], split: str) -> list[ResultFile]:
+    """The baseline result files of ``eval.baselines`` on ``split`` (read before a model is evaluated)."""
+    return [read_input(Path(path), split) for path in paths]
+
+
+def delta_m_report(results: Results, protocol: dict[str, Any], baselines: Sequence[ResultFile],
+                   eval_config: EvalConfig) -> dict[str, Any]:
+    """Delta-m (%) of one evaluation and each task's relative change (%) against ``baselines``, refused (one
+    line) when they are recorded differently or miss a task."""
+    current = ResultFile(Path("this evaluation"), results, protocol, None, None)
+    check_comparable([current, *baselines])
+    reference, sources = baseline_figures(group_seeds(baselines), eval_config)
+    metrics = {task: TASKS[task].delta_m_metric(eval_config) for task in results}
+    row = _row(Group("this evaluation", [current]), metrics, reference, eval_config)
+    return {"delta_m": row["delta_m"]["mean"], "relative": {task: v["mean"] for task, v in row["relative"].items()},
+            "baselines": sources}
+
+
+def format_delta_m(report: dict[str, Any]) -> str:
+    changes = ", ".join(f"{task} {change:+.2f}" for task, change in report["relative"].items())
+    return f"Delta-m vs eval.baselines: {report['delta_m']:+.2f} % ({changes})"
 
 
 def _eval_config(result: ResultFile) -> EvalConfig:

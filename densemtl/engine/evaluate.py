@@ -191,6 +191,7 @@ def evaluate_checkpoint(
     from densemtl.data import build_dataset
     from densemtl.engine.bench import deployed_cost
     from densemtl.engine.checkpoint import checkpoint_config, load_checkpoint, model_from_state
+    from densemtl.engine.compare import delta_m_report, format_delta_m, read_baselines
 
     state = load_checkpoint(checkpoint)
     config = checkpoint_config(state, data_config, overrides)
@@ -201,6 +202,7 @@ def evaluate_checkpoint(
     scored = _chosen_tasks(loaded.tasks, tasks, checkpoint)
     dataset = build_dataset(replace(config.data, tasks=list(scored)), split, train=False)
     protocol = protocol_record(config, split, list(scored))
+    baselines = read_baselines(config.eval.baselines, split)  # a bad file fails before the model runs
     if dist_info.is_main:
         print(protocol_header(protocol, str(checkpoint)))
     source: dict[str, Any] = {"checkpoint": str(checkpoint), "split": split}
@@ -217,6 +219,9 @@ def evaluate_checkpoint(
         records = {"config": to_dict(config), "protocol": protocol,
                    "cost": deployed_cost(model, list(loaded.tasks), DATASETS.lookup(config.data.dataset).native_size(
                        config.data))}
+        if baselines:
+            records["delta_m"] = delta_m_report(results, protocol, baselines, config.eval)
+            print(format_delta_m(records["delta_m"]))
         out = out if out is not None else default_evaluation_file(checkpoint, split)
         report(results, metrics, scored, config.eval, out, per_class, source, records)
     return results
