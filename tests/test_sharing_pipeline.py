@@ -56,7 +56,7 @@ def test_pipeline_runs_phases_in_order_and_resumes(tmp_path: Path, capsys) -> No
             assert torch.equal(resumed[key], value), key
 
 
-def test_evaluate_checkpoint_scores_token_skipping_inference(tmp_path: Path, capsys) -> None:
+def test_evaluate_checkpoint_scores_both_inference_modes(tmp_path: Path, capsys) -> None:
     from densemtl.data import build_dataset
     from densemtl.engine.evaluate import evaluate_checkpoint, evaluate_model
 
@@ -75,17 +75,20 @@ def test_evaluate_checkpoint_scores_token_skipping_inference(tmp_path: Path, cap
     loaded = load_model(checkpoint)
     dense = evaluate_model(loaded.model, build_dataset(config.data, "val", train=False), loaded.tasks, config,
                            include_boundary=True)
-    results, gflops = {}, {}
-    for tau in (0.0, 1e9):
-        capsys.readouterr()
-        results[tau] = evaluate_checkpoint(checkpoint, overrides=[f"sharing.threshold={tau}"], out=tmp_path / "e.json")
-        assert f"computation sharing at threshold {tau}" in capsys.readouterr().out
-        gflops[tau] = json.loads((tmp_path / "e.json").read_text())["evaluation"]["sharing"]["gflops_per_image"]
-    for task, values in dense.items():  # tau 0 is the dense network, up to float rounding
-        for key, value in values.items():
-            assert abs(results[0.0][task][key] - value) <= 1e-3 * max(1.0, abs(value)), (task, key)
-    # an infinite threshold copies the base's encoder activations: fewer FLOPs, other sub-task outputs
     base = config.sharing.base_task
-    assert gflops[1e9] < gflops[0.0]
-    assert results[1e9][base] == results[0.0][base]
-    assert any(results[1e9][task] != results[0.0][task] for task in dense if task != base)
+    for mode in ("element", "token"):
+        results, gflops = {}, {}
+        for tau in (0.0, 1e9):
+            capsys.readouterr()
+            results[tau] = evaluate_checkpoint(
+                checkpoint, overrides=[f"sharing.threshold={tau}", f"sharing.inference={mode}"], out=tmp_path / "e.json"
+            )
+            assert f"computation sharing ({mode} mode) at threshold {tau}" in capsys.readouterr().out
+            gflops[tau] = json.loads((tmp_path / "e.json").read_text())["evaluation"]["sharing"]["gflops_per_image"]
+        for task, values in dense.items():  # tau 0 is the dense network, up to float rounding
+            for key, value in values.items():
+                assert abs(results[0.0][task][key] - value) <= 1e-3 * max(1.0, abs(value)), (mode, task, key)
+        # an infinite threshold copies the base's encoder activations: fewer FLOPs, other sub-task outputs
+        assert gflops[1e9] < gflops[0.0]
+        assert results[1e9][base] == results[0.0][base]
+        assert any(results[1e9][task] != results[0.0][task] for task in dense if task != base)

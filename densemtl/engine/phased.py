@@ -110,6 +110,7 @@ def _phase_trainer(config: Config, run: RunSetup, model: nn.Module, index: int, 
         config, model, objective, run.train_set, folder, info=run.info,
         evaluator=build_evaluator(config, run.val_set, tasks, run.device), sample_set=run.val_set,
         parameters=phase.parameters(model), steps=phase.steps, dist_info=run.dist_info, device=run.device,
+        loss_hook=phase.loss_hook, clip_groups=phase.clip_groups(model) if phase.clip_groups else None,
     )
 
 

@@ -111,7 +111,8 @@ class Trainer:
 
     ``parameters`` (default: the model's trainable ones) are what the optimiser updates, together with
     the objective's own (balancer weights, regularizer projectors). ``loss_hook(model, output, batch)``
-    returns extra named loss terms added to the total. ``evaluator(model)`` returns
+    returns extra named loss terms added to the total. ``clip_groups`` (default: all ``parameters`` as one)
+    are clipped to ``train.grad_clip`` each. ``evaluator(model)`` returns
     ``{task: {metric: value}}`` and is called on every rank every ``train.eval_every`` steps and at the
     end (it must reduce its metrics across ranks). ``data.batch_size`` is per process.
     """
@@ -129,6 +130,7 @@ class Trainer:
         parameters: Iterable[nn.Parameter] | None = None,
         steps: int | None = None,
         loss_hook: LossHook | None = None,
+        clip_groups: list[list[nn.Parameter]] | None = None,
         sample_set: Dataset | None = None,
         dist_info: distributed.DistInfo | None = None,
         device: torch.device | None = None,
@@ -152,6 +154,7 @@ class Trainer:
         self.objective = objective.to(device)
         trainable = list(parameters) if parameters is not None else list(model.parameters())
         self._model_params = trainable
+        self._clip_groups = clip_groups or [trainable]
         own = {id(p) for p in trainable}
         self._objective_params = [p for p in objective.parameters() if p.requires_grad and id(p) not in own]
         self.optimizer = torch.optim.AdamW(
@@ -284,7 +287,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             # the network and the objective's own parameters (balancer weights, projectors) are clipped
             # apart, so large balancer gradients (GradNorm) never shrink the network's step
-            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._model_params, self.train_cfg.grad_clip).detach()
+            norms = [torch.nn.utils.clip_grad_norm_(group, self.train_cfg.grad_clip) for group in self._clip_groups]
+            sums["grad_norm"] = torch.stack(norms).norm().detach()
             if self._objective_params:
                 torch.nn.utils.clip_grad_norm_(self._objective_params, self.train_cfg.grad_clip)
         sums["lr"] = self.optimizer.param_groups[0]["lr"]
