@@ -431,27 +431,30 @@ def _check_ranges(config: Config, fail: _Fail) -> None:
 def _check_sharing(config: Config, fail: _Fail) -> None:
     """The computation-sharing options and the synthetic clips they train on."""
     sharing = config.sharing
-    for key in ("l0_weight", "activation_weight"):
+    weights = [(f"sharing.{key}" + (f".{task}" if task else ""), weight)
+               for key in ("l0_weight", "activation_weight")
+               for task, weight in _entries(getattr(sharing, key))]
+    weights += [(f"sharing.{key}", getattr(sharing, key)) for key in ("threshold", "temporal_threshold",
+                                                                       "temporal_weight")]
+    for key, value in weights:
+        if math.isnan(value) or value < 0:
+            fail(key, f"must be >= 0, got {value}")
+    for key in ("gate_temperature", "gate_scale", "gate_init"):
         value = getattr(sharing, key)
-        for task, weight in (value.items() if isinstance(value, dict) else [("", value)]):
-            if not math.isfinite(weight) or weight < 0:
-                fail(f"sharing.{key}" + (f".{task}" if task else ""), f"must be a finite number >= 0, got {weight}")
-    for key in ("threshold", "temporal_threshold", "temporal_weight"):
-        if math.isnan(getattr(sharing, key)) or getattr(sharing, key) < 0:
-            fail(f"sharing.{key}", f"must be >= 0, got {getattr(sharing, key)}")
-    for key in ("gate_temperature", "gate_scale"):
-        if not math.isfinite(getattr(sharing, key)) or getattr(sharing, key) <= 0:
-            fail(f"sharing.{key}", f"must be a finite number > 0, got {getattr(sharing, key)}")
-    if not math.isfinite(sharing.gate_init):
-        fail("sharing.gate_init", f"must be finite, got {sharing.gate_init}")
+        if not math.isfinite(value) or (value <= 0 and key != "gate_init"):
+            fail(f"sharing.{key}", f"must be a finite number{'' if key == 'gate_init' else ' > 0'}, got {value}")
     unknown = sorted(set(sharing.activation_layers) - set(ACTIVATION_LAYERS))
     if unknown:
         fail("sharing.activation_layers", f"unknown layers {unknown} (known: {', '.join(ACTIVATION_LAYERS)})")
-    for key in ("base_temporal_steps", "temporal_shift", "video_task_layers"):
-        if getattr(sharing, key) < 0:
-            fail(f"sharing.{key}", f"must be >= 0, got {getattr(sharing, key)}")
-    if sharing.keyframe_interval < 1:
-        fail("sharing.keyframe_interval", f"must be >= 1, got {sharing.keyframe_interval}")
+    for key, least in (("base_temporal_steps", 0), ("temporal_shift", 0), ("video_task_layers", 0),
+                       ("keyframe_interval", 1)):
+        if getattr(sharing, key) < least:
+            fail(f"sharing.{key}", f"must be >= {least}, got {getattr(sharing, key)}")
     offsets = config.data.synthetic.neighbour_offsets
     if 0 in offsets or len(set(offsets)) != len(offsets):
         fail("data.synthetic.neighbour_offsets", f"expected distinct non-zero frame offsets, got {offsets}")
+
+
+def _entries(value: float | dict[str, float]) -> list[tuple[str, float]]:
+    """A weight given once (``("", w)``) or per task."""
+    return list(value.items()) if isinstance(value, dict) else [("", value)]

@@ -77,7 +77,8 @@ def test_frozen_mask_phase_changes_no_masked_out_entry() -> None:
             assert (after[key][~mask] == 0).all()
             changed_unmasked += int((after[key][mask] != before[key][mask]).sum())
             for gate in ("gate", "tensor_gate"):
-                assert torch.equal(after[f"deltas.{task}.{name}.{gate}.raw"], before[f"deltas.{task}.{name}.{gate}.raw"])
+                key = f"deltas.{task}.{name}.{gate}.raw"
+                assert torch.equal(after[key], before[key])
     assert changed_unmasked > 0
     for key in before:  # the base model is frozen too
         if key.startswith("encoder.") or key.startswith(f"decoders.{model.base_task}."):
@@ -324,8 +325,8 @@ def test_gates_per_tensor_and_the_gated_set() -> None:
 
 
 def test_per_task_weights_and_reductions() -> None:
-    model = tiny_model(["sharing.l0_weight={depth: 1.0, edge: 0.0}", "sharing.activation_weight={depth: 2.0, edge: 0.0}",
-                        "sharing.activation_reduction=sum"], trained=False)
+    model = tiny_model(["sharing.l0_weight={depth: 1.0, edge: 0.0}", "sharing.activation_reduction=sum",
+                        "sharing.activation_weight={depth: 2.0, edge: 0.0}"], trained=False)
     image = torch.randn(2, 3, 32, 48)
     model.set_phase(1)
     model.train()

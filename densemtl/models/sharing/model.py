@@ -149,7 +149,9 @@ class SharingModel(nn.Module):
             self.gated_names = [f"{lin}.{kind}" for lin in self.encoder.linear_names for kind in ("weight", "bias")]
         self.deltas = nn.ModuleDict(
             {
-                task: nn.ModuleDict({_key(name): GatedDelta(tuple(base[name].shape), sharing) for name in self.gated_names})
+                task: nn.ModuleDict(
+                    {_key(name): GatedDelta(tuple(base[name].shape), sharing) for name in self.gated_names}
+                )
                 for task in self.sub_tasks
             }
         )
