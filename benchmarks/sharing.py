@@ -68,7 +68,7 @@ VIDEO_CONFIG = ROOT / "configs" / "synthetic_sharing_video.yaml"
 TASKS = ("semseg", "depth", "normals")
 SIZES = {  # image size, batch, training steps of every model, test images scored
     "small": {"height": 96, "width": 128, "batch": 8, "steps": 300, "test": 100},
-    "large": {"height": 192, "width": 256, "batch": 4, "steps": 200, "test": 50},
+    "large": {"height": 192, "width": 256, "batch": 4, "steps": 150, "test": 50},
 }
 L0_WEIGHTS = (1e-6, 1e-5, 1e-4)
 THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, math.inf)
