@@ -398,3 +398,65 @@ def test_shipped_config_builds_the_sharing_model() -> None:
     model = build_model(config, info, build_tasks(config.data.tasks, info))
     assert isinstance(model, SharingModel) and model.sub_tasks == ["depth", "normals", "edge"]
     assert len(config.sharing.phase_steps) == 4
+
+
+@pytest.mark.parametrize("name", ["pascal_sharing", "nyud_sharing"])
+def test_paper_scale_configs_build_and_step(name: str) -> None:
+    """The paper-scale configs load with their released-code values, build, and train one step of the base
+    phase and of the delta phase at a reduced size (sizes overridden here)."""
+    from pathlib import Path
+
+    from densemtl.engine.objective import build_objective
+    from densemtl.engine.phased import phase_config
+    from densemtl.models.sharing.architecture import sharing_phases
+    from densemtl.registry import DATASETS
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    full = load_config(path)
+    assert full.model.backbone_args["hidden_size"] == 768 and full.sharing.gate_init == 5.0
+    assert full.sharing.activation_reduction == "sum" and isinstance(full.sharing.l0_weight, dict)
+    config = load_config(path, [
+        "model.backbone_args={hidden_size: 24, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 48,"
+        " patch_size: 8}", "data.crop_size=[32, 32]", "model.head_channels=8", "train.amp=none", "train.device=cpu",
+    ])
+    info = DATASETS.lookup(config.data.dataset).dataset_info(config.data.tasks)
+    tasks = build_tasks(config.data.tasks, info, config.loss.normals_loss)
+    torch.manual_seed(0)
+    model = build_model(config, info, tasks)
+    assert model.l0_weights == config.sharing.l0_weight
+    assert model.activation_weights == config.sharing.activation_weight
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.eval()
+        targets = {t: tasks[t].predict(raw) for t, raw in model(image)["pred"].items()}
+    for phase in sharing_phases(config, model)[:2]:
+        phase.enter(model)
+        model.train()
+        params = phase.parameters(model)
+        before = [p.detach().clone() for p in params]
+        objective = build_objective(phase_config(config, phase), {t: tasks[t] for t in phase.tasks},
+                                    model.feature_channels)
+        optimizer = torch.optim.AdamW(params, lr=config.train.lr)
+        total, figures = objective(model(image), {"image": image, **targets}, 0, [])
+        total.backward()
+        optimizer.step()
+        assert torch.isfinite(total) and any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
+        assert ("loss/l0" in figures) == (phase.name == "delta")
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("sharing.l0_weight={depth: -1.0}", "sharing.l0_weight.depth"),
+    ("sharing.activation_weight=.nan", "sharing.activation_weight"),
+    ("sharing.threshold=-0.1", "sharing.threshold"),
+    ("sharing.gate_temperature=0", "sharing.gate_temperature"),
+    ("sharing.gate_init=.inf", "sharing.gate_init"),
+    ("sharing.activation_layers=[qkv, attn]", "sharing.activation_layers"),
+    ("sharing.base_temporal_steps=-1", "sharing.base_temporal_steps"),
+    ("sharing.keyframe_interval=0", "sharing.keyframe_interval"),
+    ("sharing.inference=tokens", "sharing.inference"),
+    ("data.synthetic.neighbour_offsets=[0, 1]", "data.synthetic.neighbour_offsets"),
+    ("data.synthetic.motion=fast", "data.synthetic.motion"),
+])
+def test_bad_sharing_options_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
