@@ -67,14 +67,15 @@ CONFIG = ROOT / "configs" / "synthetic_sharing.yaml"
 VIDEO_CONFIG = ROOT / "configs" / "synthetic_sharing_video.yaml"
 TASKS = ("semseg", "depth", "normals")
 SIZES = {  # image size, batch, training steps of every model, test images scored
-    "small": {"height": 96, "width": 128, "batch": 8, "steps": 300, "test": 100},
-    "large": {"height": 192, "width": 256, "batch": 4, "steps": 150, "test": 50},
+    "small": {"height": 96, "width": 128, "batch": 8, "steps": 300, "test": 50},
+    "large": {"height": 192, "width": 256, "batch": 4, "steps": 150, "test": 25},
 }
 L0_WEIGHTS = (1e-6, 1e-5, 1e-4)
-THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, math.inf)
+THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.4, math.inf)
 MODES = ("element", "token")
 VIDEO_MOTIONS = ("camera", "slow_camera", "static_camera")
-VIDEO_SETTINGS = ((0.05, 2), (0.15, 2), (0.3, 2), (0.15, 4))  # (temporal threshold, sub-task blocks on the base)
+VIDEO_SETTINGS = ((0.1, 2), (0.3, 2), (0.3, 4))  # (temporal threshold, sub-task blocks on the base)
+VIDEO_CLIPS = 2  # clips of 16 frames per kind of motion
 Predict = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], int]]
 INFO = synthetic_info()
 
@@ -265,14 +266,14 @@ def stored_mb(model: nn.Module) -> float:
     return (4 * dense + sum(s["sparse_bytes"] for s in delta_storage(model).values())) / 1e6
 
 
-def load_trained(size: str, seed: int, work: Path) -> dict[str, Any]:
+def load_trained(size: str, seed: int, work: Path, test_images: int | None = None) -> dict[str, Any]:
     """Every model one (size, seed) trained, in eval mode, with the test frames."""
     config = size_config(size, seed)
     test_set = build_dataset(config.data, "test", train=False)
     info = test_set.info
     tasks = build_tasks(list(TASKS), info, config.loss.normals_loss)
     folder = work / size / f"seed{seed}"
-    frames = [test_set[i] for i in range(SIZES[size]["test"])]
+    frames = [test_set[i] for i in range(test_images or SIZES[size]["test"])]
 
     def restore(model: nn.Module, name: str) -> nn.Module:
         if isinstance(model, SharingModel) and model.sub_tasks:
@@ -293,7 +294,7 @@ def load_trained(size: str, seed: int, work: Path) -> dict[str, Any]:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     work = Path(args.work)
-    trained = load_trained(args.size, args.seed, work)
+    trained = load_trained(args.size, args.seed, work, args.test_images)
     config, tasks, frames = trained["config"], trained["tasks"], trained["frames"]
     rows: list[dict[str, Any]] = []
     singles = dense_predictor(trained["singles"])
@@ -361,7 +362,7 @@ def evaluate_video(trained: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     models = {"temporal training": trained["video"], "no temporal training": trained["sharing"][L0_WEIGHTS[1]]}
     rows = []
     for motion in VIDEO_MOTIONS:
-        data = replace(config.data, synthetic=replace(config.data.synthetic, motion=motion))
+        data = replace(config.data, synthetic=replace(config.data.synthetic, motion=motion, num_clips=VIDEO_CLIPS))
         clips = SyntheticClips(data)
         frames = [frame for clip in range(len(clips)) for frame in clips[clip]]
         for label, model in models.items():
@@ -394,6 +395,164 @@ def video_predictor(inference: SharedInference, interval: int) -> tuple[Predict,
 
 
 # ---------------------------------------------------------------------- report
+BEGIN, END = "<!-- sharing-benchmark:begin -->", "<!-- sharing-benchmark:end -->"
+
+
+def write_doc(path: Path, text: str) -> None:
+    """Put ``text`` between the benchmark markers of ``path`` (the rest of the document is kept)."""
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        path.write_text(f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
+    else:
+        path.write_text(f"{old}{BEGIN}\n{text}{END}\n")
+
+
+def _spread(values: list[float], digits: int, sign: str = "") -> str:
+    """``mean ± std`` over seeds (the std of the sample; no spread for one seed)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return f"{mean:{sign}.{digits}f}"
+    return f"{mean:{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def aggregate(parts: list[dict[str, Any]], size: str) -> list[dict[str, Any]]:
+    """One row per method of ``size`` with its per-seed figures gathered (ratios against (a) of the seed)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for part in (p for p in parts if p["size"] == size):
+        reference = part["rows"][0]
+        for row in part["rows"]:
+            entry = rows.setdefault(row["method"], {k: row.get(k) for k in ("method", "l0", "mode", "tau")})
+            entry.setdefault("seeds", []).append(part["seed"])
+            figures = {"stored_mb": row["stored_mb"], "gflops": row["gflops"], "ms": row["ms"],
+                       "gflops_ratio": row["gflops"] / reference["gflops"], "ms_ratio": row["ms"] / reference["ms"],
+                       "delta_m": row["delta_m"], **{f"metric_{t}": v for t, v in row["metrics"].items()}}
+            for key, value in figures.items():
+                entry.setdefault(key, []).append(value)
+    return list(rows.values())
+
+
+def _row_cells(row: dict[str, Any]) -> list[str]:
+    return [row["method"], _spread(row["stored_mb"], 2), _spread(row["gflops"], 3), _spread(row["gflops_ratio"], 2),
+            _spread(row["ms"], 1), _spread(row["ms_ratio"], 2), *(_spread(row[f"metric_{t}"], 3) for t in TASKS),
+            _spread(row["delta_m"], 2, "+")]
+
+
+def markdown(parts: list[dict[str, Any]]) -> str:
+    header = ("| method | stored MB | GFLOPs/frame | x (a) | ms/frame | x (a) | semseg mIoU ↑ | depth rmse ↓ "
+              "| normals mean ↓ | Δm vs (a) (%) |")
+    lines = []
+    for size in (s for s in SIZES if any(p["size"] == s for p in parts)):
+        rows = aggregate(parts, size)
+        seeds = sorted({seed for row in rows for seed in row["seeds"]})
+        spec = next(p["spec"] for p in parts if p["size"] == size)
+        tokens = (spec["height"] // 8) * (spec["width"] // 8)
+        lines += [f"### {size}: {spec['height']} x {spec['width']} ({tokens} tokens), seeds {seeds}, "
+                  f"{spec['test']} test images", "", header, "|" + "---|" * 10]
+        lines += ["| " + " | ".join(_row_cells(row)) + " |" for row in rows]
+        good = [row for row in rows if row.get("mode") and statistics.mean(row["delta_m"]) >= -1.0]
+        lines += ["", f"Settings at Δm ≥ -1 % ({size}), cheapest counted GFLOPs first:", ""]
+        if good:
+            lines += [header, "|" + "---|" * 10]
+            lines += ["| " + " | ".join(_row_cells(row)) + " |"
+                      for row in sorted(good, key=lambda r: statistics.mean(r["gflops_ratio"]))[:8]]
+        else:
+            best = max((r for r in rows if r.get("mode")), key=lambda r: statistics.mean(r["delta_m"]))
+            spread = _spread(best["delta_m"], 2, "+")
+            lines.append(f"none; the best sharing setting is {best['method']} at Δm {spread} %")
+        lines += ["", *density_lines(parts, size), ""]
+    video = [row for part in parts for row in part.get("video", [])]
+    if video:
+        lines += [*video_lines(parts), ""]
+    for part in parts:
+        if part.get("profile"):
+            lines += [*profile_lines(part), ""]
+            break
+    return "\n".join(lines) + "\n"
+
+
+def density_lines(parts: list[dict[str, Any]], size: str) -> list[str]:
+    """Non-zero delta share per L0 weight and sub-task (mean over seeds)."""
+    lines = ["| L0 weight | " + " | ".join(f"{t} non-zero deltas" for t in TASKS[1:]) + " |",
+             "|---|" + "---|" * (len(TASKS) - 1)]
+    for weight in L0_WEIGHTS:
+        shares: dict[str, list[float]] = {}
+        for part in (p for p in parts if p["size"] == size):
+            row = next(r for r in part["rows"] if r.get("l0") == weight)
+            for task, share in row["density"].items():
+                shares.setdefault(task, []).append(100 * share)
+        lines.append(f"| {weight:g} | " + " | ".join(_spread(shares[t], 2) + " %" for t in TASKS[1:]) + " |")
+    return lines
+
+
+def video_lines(parts: list[dict[str, Any]]) -> list[str]:
+    """Video rows: GFLOPs per frame and Δm against per-frame sharing of the same model and mode."""
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    for part in parts:
+        per_frame = {(r["motion"], r["model"], r["mode"]): r["gflops"] for r in part.get("video", [])
+                     if r["setting"] == "per frame"}
+        for row in part.get("video", []):
+            key = (row["motion"], row["model"], row["mode"], row["setting"], row.get("tau_t"), row.get("layers"))
+            entry = groups.setdefault(key, {"gflops": [], "ratio": [], "delta_m": []})
+            entry["gflops"].append(row["gflops"])
+            entry["ratio"].append(per_frame[key[:3]] / row["gflops"])
+            entry["delta_m"].append(row["delta_m"])
+    lines = ["| clips | model | mode | setting | tau_t | sub-task blocks on the base | GFLOPs/frame "
+             "| fewer than per frame (x) | Δm vs per frame (%) |", "|" + "---|" * 9]
+    for (motion, model, mode, setting, tau_t, layers), entry in groups.items():
+        lines.append(f"| {motion} | {model} | {mode} | {setting} | {'' if tau_t is None else tau_t} "
+                     f"| {'' if layers is None else layers} | {_spread(entry['gflops'], 3)} "
+                     f"| {_spread(entry['ratio'], 2)} | {_spread(entry['delta_m'], 2, '+')} |")
+    return lines
+
+
+def profile_lines(part: dict[str, Any]) -> list[str]:
+    """The top operators of one frame (torch profiler, self CPU time) of each profiled variant."""
+    lines = [f"Profile of one {part['spec']['height']} x {part['spec']['width']} frame (seed {part['seed']}, "
+             "self CPU time of the top operators):", ""]
+    for name, figures in part["profile"].items():
+        top = ", ".join(f"{op} {ms:.1f} ms" for op, ms, _ in figures["top"][:8])
+        lines.append(f"- {name}: {figures['total_ms']:.1f} ms in all; {top}")
+    return lines
+
+
+def plot(parts: list[dict[str, Any]], path: Path) -> None:
+    """Δm against counted GFLOPs and measured time (both relative to (a)), one column per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [s for s in SIZES if any(p["size"] == s for p in parts)]
+    fig, axes = plt.subplots(2, len(sizes), figsize=(6.5 * len(sizes), 9), squeeze=False)
+    colours = dict(zip(L0_WEIGHTS, ("tab:blue", "tab:orange", "tab:green"), strict=True))
+    for column, size in enumerate(sizes):
+        rows = aggregate(parts, size)
+        for line, (key, label) in enumerate((("gflops_ratio", "counted GFLOPs / (a)"), ("ms_ratio", "ms / (a)"))):
+            ax = axes[line][column]
+            for weight in L0_WEIGHTS:
+                for mode, marker in (("element", "o"), ("token", "s")):
+                    series = [r for r in rows if r.get("l0") == weight and r.get("mode") == mode]
+                    xs, ys = ([statistics.mean(r[k]) for r in series] for k in (key, "delta_m"))
+                    spread = [statistics.stdev(r["delta_m"]) if len(r["delta_m"]) > 1 else 0 for r in series]
+                    ax.errorbar(xs, ys, yerr=spread, marker=marker, color=colours[weight], capsize=2, markersize=4,
+                                linestyle="-" if mode == "element" else "--", label=f"L0 {weight:g}, {mode}")
+            for row, marker in zip(rows[:2], ("*", "D"), strict=True):
+                ax.plot(statistics.mean(row[key]), statistics.mean(row["delta_m"]), marker, color="black",
+                        markersize=10, label=row["method"])
+            ax.axhline(-1.0, color="grey", linewidth=0.8, linestyle=":")
+            if size == "large":
+                ax.axvline(0.5 if key == "gflops_ratio" else 0.6, color="red", linewidth=0.8, linestyle=":")
+            ax.set_xlabel(label)
+            ax.set_ylabel("Δm vs single-task models (%)")
+            ax.set_title(f"{size} ({SIZES[size]['height']} x {SIZES[size]['width']})")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="runs/bench/sharing", help="trained models and JSON results")
@@ -406,17 +565,21 @@ def main(argv: list[str] | None = None) -> None:
     evaluate = commands.add_parser("evaluate")
     evaluate.add_argument("--size", choices=SIZES, required=True)
     evaluate.add_argument("--seed", type=int, required=True)
-    evaluate.add_argument("--timing-images", type=int, default=6)
-    evaluate.add_argument("--repeats", type=int, default=3)
+    evaluate.add_argument("--timing-images", type=int, default=4)
+    evaluate.add_argument("--repeats", type=int, default=2)
+    evaluate.add_argument("--test-images", type=int, default=None, help="override the size's count (smoke tests)")
     report = commands.add_parser("report")
     report.add_argument("--doc", default=None)
     report.add_argument("--figure", default=None)
     args = parser.parse_args(argv)
     if args.command == "report":
-        from benchmarks.sharing_report import write_report
-
         parts = [json.loads(p.read_text()) for p in sorted(Path(args.work).glob("*_seed*.json"))]
-        write_report(parts, args.doc, args.figure)
+        text = markdown(parts)
+        print(text)
+        if args.doc:
+            write_doc(Path(args.doc), text)
+        if args.figure:
+            plot(parts, Path(args.figure))
         return
     {"train": cmd_train, "evaluate": cmd_evaluate}[args.command](args)
 
