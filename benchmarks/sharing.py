@@ -291,9 +291,21 @@ def load_trained(size: str, seed: int, work: Path, test_images: int | None = Non
             "sharing": sharing, "video": video}
 
 
+def wait_for_models(folder: Path, size: str, hours: float) -> None:
+    """Wait (up to ``hours``) until the training units of ``folder`` have saved every model."""
+    names = [f"single_{t}" for t in TASKS] + ["multitask"] + [f"sharing_l0_{w:g}" for w in L0_WEIGHTS]
+    names += ["video"] if size == "small" else []
+    deadline = time.time() + 3600 * hours
+    while not all((folder / name / "model.pt").exists() for name in names):
+        if time.time() > deadline:
+            raise SystemExit(f"{folder}: models still missing after {hours} h")
+        time.sleep(60)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     work = Path(args.work)
+    wait_for_models(work / args.size / f"seed{args.seed}", args.size, args.wait)
     trained = load_trained(args.size, args.seed, work, args.test_images)
     config, tasks, frames = trained["config"], trained["tasks"], trained["frames"]
     rows: list[dict[str, Any]] = []
@@ -568,6 +580,7 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--timing-images", type=int, default=4)
     evaluate.add_argument("--repeats", type=int, default=2)
     evaluate.add_argument("--test-images", type=int, default=None, help="override the size's count (smoke tests)")
+    evaluate.add_argument("--wait", type=float, default=0.0, help="hours to wait for the training units' models")
     report = commands.add_parser("report")
     report.add_argument("--doc", default=None)
     report.add_argument("--figure", default=None)
