@@ -76,6 +76,8 @@ MODES = ("element", "token")
 VIDEO_MOTIONS = ("camera", "slow_camera", "static_camera")
 VIDEO_SETTINGS = ((0.1, 2), (0.3, 2), (0.3, 4))  # (temporal threshold, sub-task blocks on the base)
 VIDEO_CLIPS = 2  # clips of 16 frames per kind of motion
+SEEDS = (0, 1, 2)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t, 97.5 % quantile, by degrees of freedom
 Predict = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], int]]
 INFO = synthetic_info()
 
@@ -428,6 +430,16 @@ def _spread(values: list[float], digits: int, sign: str = "") -> str:
     return f"{mean:{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _paired(differences: list[float]) -> str:
+    """``mean ± std`` of per-seed differences; ``*`` when their 95 % t-interval excludes 0 (outside the seed
+    noise), nothing when it contains 0; one seed: the difference alone, no verdict."""
+    text = _spread(differences, 2, "+")
+    if len(differences) < 2:
+        return text
+    half = T_975[len(differences) - 1] * statistics.stdev(differences) / math.sqrt(len(differences))
+    return text + (" *" if abs(statistics.mean(differences)) > half else "")
+
+
 def aggregate(parts: list[dict[str, Any]], size: str) -> list[dict[str, Any]]:
     """One row per method of ``size`` with its per-seed figures gathered (ratios against (a) of the seed)."""
     rows: dict[str, dict[str, Any]] = {}
@@ -472,15 +484,55 @@ def markdown(parts: list[dict[str, Any]]) -> str:
             best = max((r for r in rows if r.get("mode")), key=lambda r: statistics.mean(r["delta_m"]))
             spread = _spread(best["delta_m"], 2, "+")
             lines.append(f"none; the best sharing setting is {best['method']} at Δm {spread} %")
-        lines += ["", *density_lines(parts, size), ""]
+        lines += ["", *paired_lines(parts, size), "", *density_lines(parts, size), ""]
+        lines += pending_lines(size, [s for s in SEEDS if s not in seeds])
+    for size in (s for s in SIZES if not any(p["size"] == s for p in parts)):
+        spec = SIZES[size]
+        lines += [f"### {size}: {spec['height']} x {spec['width']}: not measured", "",
+                  *pending_lines(size, list(SEEDS))]
     video = [row for part in parts for row in part.get("video", [])]
     if video:
-        lines += [*video_lines(parts), ""]
+        lines += [*video_lines(parts), "", *video_paired_lines(parts), ""]
     for part in parts:
         if part.get("profile"):
             lines += [*profile_lines(part), ""]
             break
     return "\n".join(lines) + "\n"
+
+
+def pending_lines(size: str, seeds: list[int]) -> list[str]:
+    """The commands that would add the missing seeds of ``size`` (nothing when none is missing)."""
+    if not seeds:
+        return []
+    units = ("sharing", "others", "video") if size == "small" else ("sharing", "others")
+    commands = [f"python benchmarks/sharing.py train --size {size} --seed {seed} --unit {unit}"
+                for seed in seeds for unit in units]
+    commands += [f"python benchmarks/sharing.py evaluate --size {size} --seed {seed}" for seed in seeds]
+    return [f"Pending ({size}): seeds {seeds}, not measured; to add them (then `report`):", "", "```",
+            *commands, "```", ""]
+
+
+def paired_lines(parts: list[dict[str, Any]], size: str) -> list[str]:
+    """Per-seed (paired) Δm differences: each sharing setting against the shared encoder (b), and element
+    against token mode at the same L0 weight and threshold; GFLOPs of element over token mode."""
+    by_seed = {p["seed"]: {r["method"]: r for r in p["rows"]} for p in parts if p["size"] == size}
+    seeds = sorted(by_seed)
+    shared = "(b) shared encoder"
+    lines = [f"Paired differences over seeds {seeds} (same seed, same test images; mean ± std of the per-seed "
+             "differences, * = the 95 % t-interval excludes 0, otherwise inside the seed noise):", "",
+             "| L0 weight | tau | Δm element − (b) | Δm token − (b) | Δm element − token "
+             "| GFLOPs element / token |", "|" + "---|" * 6]
+    for weight in L0_WEIGHTS:
+        for tau in THRESHOLDS:
+            rows = {mode: [by_seed[s][f"(c) sharing L0 {weight:g}, {mode}, tau {tau:g}"] for s in seeds]
+                    for mode in MODES}
+            base = [by_seed[s][shared]["delta_m"] for s in seeds]
+            element, token = ([r["delta_m"] for r in rows[mode]] for mode in MODES)
+            ratio = [e["gflops"] / t["gflops"] for e, t in zip(rows["element"], rows["token"], strict=True)]
+            lines.append(f"| {weight:g} | {tau:g} | {_paired([e - b for e, b in zip(element, base, strict=True)])} "
+                         f"| {_paired([t - b for t, b in zip(token, base, strict=True)])} "
+                         f"| {_paired([e - t for e, t in zip(element, token, strict=True)])} | {_spread(ratio, 2)} |")
+    return lines
 
 
 def density_lines(parts: list[dict[str, Any]], size: str) -> list[str]:
@@ -515,6 +567,32 @@ def video_lines(parts: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {motion} | {model} | {mode} | {setting} | {'' if tau_t is None else tau_t} "
                      f"| {'' if layers is None else layers} | {_spread(entry['gflops'], 3)} "
                      f"| {_spread(entry['ratio'], 2)} | {_spread(entry['delta_m'], 2, '+')} |")
+    return lines
+
+
+def video_paired_lines(parts: list[dict[str, Any]]) -> list[str]:
+    """Temporal training against none, paired by seed, clip kind, mode and setting: the difference of the
+    GFLOPs reduction and of Δm against per-frame inference."""
+    pairs: dict[tuple, dict[str, list[float]]] = {}
+    for part in parts:
+        rows = part.get("video", [])
+        per_frame = {(r["motion"], r["model"], r["mode"]): r["gflops"] for r in rows if r["setting"] == "per frame"}
+        found = {(r["motion"], r["model"], r["mode"], r.get("tau_t"), r.get("layers")): r for r in rows
+                 if r["setting"] != "per frame"}
+        for (motion, model, mode, tau_t, layers), row in found.items():
+            if model != "temporal training":
+                continue
+            other = found[(motion, "no temporal training", mode, tau_t, layers)]
+            entry = pairs.setdefault((motion, mode, tau_t, layers), {"ratio": [], "delta_m": []})
+            entry["ratio"].append(per_frame[(motion, model, mode)] / row["gflops"]
+                                  - per_frame[(motion, other["model"], mode)] / other["gflops"])
+            entry["delta_m"].append(row["delta_m"] - other["delta_m"])
+    lines = ["Temporal training minus no temporal training (paired by seed; * = outside the seed noise):", "",
+             "| clips | mode | tau_t | sub-task blocks on the base | reduction (x) difference | Δm difference (%) |",
+             "|" + "---|" * 6]
+    for (motion, mode, tau_t, layers), entry in pairs.items():
+        lines.append(f"| {motion} | {mode} | {tau_t} | {layers} | {_paired(entry['ratio'])} "
+                     f"| {_paired(entry['delta_m'])} |")
     return lines
 
 
