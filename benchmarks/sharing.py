@@ -9,8 +9,8 @@ Compared, per image size and seed (tasks semseg = base, depth, normals; the comp
     activation sharing (a quarter each), one run per L0 weight, scored in both inference modes at every
     threshold of the sweep;
 (d) video (small size): a temporally trained sharing model (base_temporal phase on neighbouring frames, then
-    the sub-task phases with the temporal term) and a (c) model on the clips of each kind of motion, per frame
-    and with reuse between frames.
+    the sub-task phases with the temporal term) and the (c) model of the same L0 weight (1e-4, the video
+    config's) on the clips of each kind of motion, per frame and with reuse between frames.
 
 Sizes: ``small`` = 96 x 128 (192 tokens), ``large`` = 192 x 256 (768 tokens, batch 4, fewer steps and test
 images so that one training run takes minutes on one core). Every training unit is a separate command, run
@@ -22,6 +22,8 @@ files into the Markdown tables of ``docs/results/sharing.md`` and the figure.
     python benchmarks/sharing.py train --size small --seed 0 --unit video        # temporal training (small)
     python benchmarks/sharing.py evaluate --size small --seed 0                  # -> <work>/small_seed0.json
     python benchmarks/sharing.py report --doc docs/results/sharing.md --figure docs/images/sharing_tradeoff.png
+
+``profile`` and ``video`` redo only the time profile or the video rows of an evaluated (size, seed).
 
 GFLOPs are matrix-product FLOPs (2 per multiply-add) per frame, all three tasks: dense runs and token mode count
 what is executed, element mode counts from the measured densities (``densemtl.models.sharing.inference``).
@@ -320,7 +322,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         rows.append({"method": method, "stored_mb": megabytes, **figures(scored, reference)})
     images = [frame["image"][None] for frame in frames[: args.timing_images]]
     timing_variants = {row["method"]: baselines[row["method"]][0] for row in rows}
-    profile: dict[str, Any] = {}
     for weight, model in trained["sharing"].items():
         for mode in MODES:
             for tau in THRESHOLDS:
@@ -334,13 +335,31 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     ms = interleaved_ms(timing_variants, images, args.repeats)
     for row in rows:
         row["ms"] = ms[row["method"]]
-    if args.size == "large":
-        profile = time_profile(trained, images[0])
+    profile = time_profile(trained, images[0])
     report = {"size": args.size, "seed": args.seed, "spec": SIZES[args.size], "rows": rows, "profile": profile,
               "timing_images": len(images), "repeats": args.repeats, "threads": torch.get_num_threads()}
     if trained["video"] is not None:
         report["video"] = evaluate_video(trained, args.seed)
     write_json(report, work / f"{args.size}_seed{args.seed}.json")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    """Only the time profile of one trained (size, seed), for results evaluated without one."""
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    trained = load_trained(args.size, args.seed, work, 1)
+    profile = time_profile(trained, trained["frames"][0]["image"][None])
+    write_json(profile, work / f"{args.size}_seed{args.seed}.profile.json")
+
+
+def cmd_video(args: argparse.Namespace) -> None:
+    """Only the video rows of one evaluated (size, seed), scored again (the rest of its JSON kept)."""
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    path = work / f"{args.size}_seed{args.seed}.json"
+    report = json.loads(path.read_text())
+    report["video"] = evaluate_video(load_trained(args.size, args.seed, work, 1), args.seed)
+    write_json(report, path)
 
 
 def figures(scored: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
@@ -373,7 +392,8 @@ def time_profile(trained: dict[str, Any], image: torch.Tensor) -> dict[str, Any]
 def evaluate_video(trained: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     """Per clip kind, model (temporally trained or not) and mode: per-frame sharing and video reuse."""
     config, tasks = trained["config"], trained["tasks"]
-    models = {"temporal training": trained["video"], "no temporal training": trained["sharing"][L0_WEIGHTS[1]]}
+    (weight,) = set(trained["video"].l0_weights.values())  # the (c) model of the same L0 weight, for a fair pair
+    models = {"temporal training": trained["video"], "no temporal training": trained["sharing"][weight]}
     rows = []
     for motion in VIDEO_MOTIONS:
         data = replace(config.data, synthetic=replace(config.data.synthetic, motion=motion, num_clips=VIDEO_CLIPS))
@@ -659,12 +679,22 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--repeats", type=int, default=2)
     evaluate.add_argument("--test-images", type=int, default=None, help="override the size's count (smoke tests)")
     evaluate.add_argument("--wait", type=float, default=0.0, help="hours to wait for the training units' models")
+    for name in ("profile", "video"):  # one part of evaluate again, for results evaluated by an earlier version
+        part = commands.add_parser(name)
+        part.add_argument("--size", choices=SIZES, required=True)
+        part.add_argument("--seed", type=int, required=True)
     report = commands.add_parser("report")
     report.add_argument("--doc", default=None)
     report.add_argument("--figure", default=None)
     args = parser.parse_args(argv)
     if args.command == "report":
-        parts = [json.loads(p.read_text()) for p in sorted(Path(args.work).glob("*_seed*.json"))]
+        work = Path(args.work)
+        parts = [json.loads(p.read_text()) for p in sorted(work.glob("*_seed*.json"))
+                 if not p.name.endswith(".profile.json")]
+        for part in parts:
+            extra = work / f"{part['size']}_seed{part['seed']}.profile.json"
+            if not part.get("profile") and extra.exists():
+                part["profile"] = json.loads(extra.read_text())
         text = markdown(parts)
         print(text)
         if args.doc:
@@ -672,7 +702,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.figure:
             plot(parts, Path(args.figure))
         return
-    {"train": cmd_train, "evaluate": cmd_evaluate}[args.command](args)
+    {"train": cmd_train, "evaluate": cmd_evaluate, "profile": cmd_profile, "video": cmd_video}[args.command](args)
 
 
 if __name__ == "__main__":
