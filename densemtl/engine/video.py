@@ -3,12 +3,16 @@
 A model deployed as a :class:`VideoInference` (the ``sharing`` architecture's
 :class:`densemtl.models.sharing.inference.SharedInference`) reuses computation across tasks and through time:
 every ``keyframe_interval``-th frame is a keyframe (the base task runs in full, sub-tasks reuse the base's
-activations); the frames between reuse the previous frame's activations. Each frame is also run in full
-(every task densely) for the comparison. Any other model runs frame by frame.
+activations); the frames between reuse the previous frame's activations, in the checkpoint's
+``sharing.inference`` mode (element: output-delta elements, counted FLOPs; token: whole tokens, measured
+time). A model trained with the temporal term (``configs/synthetic_sharing_video.yaml``) changes less
+between frames, so more is reused. Each frame is also run in full (every task densely) for the comparison.
+Any other model runs frame by frame.
 
 Written under ``out``: ``<task>/<frame>.<ext>`` (:meth:`Task.save`), ``panels/<frame>.png`` (the frame and
 each task's colours), ``video.gif`` (the panels animated) and ``video_report.json`` (per frame: the counted
-GFLOPs and the measured time, with reuse also those of the full run and the share of tokens recomputed).
+GFLOPs and the measured time, with reuse also those of the full run and the share recomputed per task:
+tokens, or output elements in element mode).
 """
 
 from __future__ import annotations
@@ -171,6 +175,7 @@ def _report(checkpoint: Path, config: Config, records: list[dict[str, Any]], reu
     if reuse:
         report.update({
             "keyframe_interval": config.sharing.keyframe_interval,
+            "inference": config.sharing.inference,
             "threshold": float(config.sharing.threshold),
             "temporal_threshold": float(config.sharing.temporal_threshold),
             "gflops_per_frame_full": statistics.mean(r["gflops_full"] for r in records),
