@@ -12,6 +12,7 @@ and ``evaluate`` take), and every task is validated in the architecture's deploy
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ from torch import nn
 
 from densemtl.config import Config
 from densemtl.engine.checkpoint import TRAINING_ENTRIES, load_checkpoint
+from densemtl.engine.compare import delta_m_report, format_delta_m, read_baselines
 from densemtl.engine.objective import build_objective
 from densemtl.engine.prepare import RunSetup, build_evaluator, seed_everything
-from densemtl.engine.results import format_results, write_results
+from densemtl.engine.results import format_results, protocol_record, write_results
 from densemtl.engine.trainer import Trainer
+from densemtl.errors import UserError
 from densemtl.metrics.delta_m import Results
 from densemtl.models.architecture import Architecture, Phase
 from densemtl.tasks import Task
@@ -77,7 +80,20 @@ def train_phases(config: Config, architecture: Architecture, run: RunSetup, resu
             _copy_checkpoints(trained_in, run_dir)
     if is_main:
         _print_summary(results, run.tasks, run_dir, None if several else best["step"])
+        if results and config.eval.baselines:
+            print(_delta_m_line(config, results))
     return results or {}
+
+
+def _delta_m_line(config: Config, results: Results) -> str:
+    """Delta-m of the final validation against ``eval.baselines``, or why it cannot be given (the run is done
+    by then: a baseline recorded differently is reported, not fatal)."""
+    try:
+        protocol = protocol_record(config, config.data.val_split, list(results))
+        baselines = read_baselines(config.eval.baselines, config.data.val_split)
+        return format_delta_m(delta_m_report(results, protocol, baselines, config.eval))
+    except UserError as err:
+        return f"densemtl: Delta-m not reported: {err}"
 
 
 def _print_summary(results: Results | None, tasks: dict[str, Task], run_dir: Path, best_step: int | None) -> None:
@@ -99,18 +115,24 @@ def _evaluate_deployed(
     return results
 
 
+def phase_config(config: Config, phase: Phase) -> Config:
+    """``config`` for one phase: ``loss.weights`` of the phase's tasks only (the others do not train there)."""
+    weights = {name: weight for name, weight in config.loss.weights.items() if name in phase.tasks}
+    return replace(config, loss=replace(config.loss, weights=weights))
+
+
 def _phase_trainer(config: Config, run: RunSetup, model: nn.Module, index: int, phase: Phase, folder: Path) -> Trainer:
     """The trainer of one phase: its tasks' objective, validation on them, its seed and parameters."""
     tasks = {name: run.tasks[name] for name in phase.tasks}
-    objective = build_objective(
-        config, tasks, {name: model.feature_channels[name] for name in tasks}, run.steps_per_epoch(config)
-    )
+    channels = {name: model.feature_channels[name] for name in tasks}
+    objective = build_objective(phase_config(config, phase), tasks, channels, run.steps_per_epoch(config))
     seed_everything(config.train.seed + 1000 * index + run.dist_info.rank)
     several = folder != Path(config.out_dir)
     return Trainer(
         config, model, objective, run.train_set, folder, info=run.info,
         evaluator=build_evaluator(config, run.val_set, tasks, run.device), sample_set=run.val_set,
         parameters=phase.parameters(model), steps=phase.steps, dist_info=run.dist_info, device=run.device,
+        loss_hook=phase.loss_hook, clip_groups=phase.clip_groups(model) if phase.clip_groups else None,
         steps_key=f"the steps of phase {index} ({phase.name})" if several else "train.steps",
     )
 
