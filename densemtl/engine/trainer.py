@@ -40,6 +40,7 @@ from densemtl.engine.logger import RunLogger
 from densemtl.engine.objective import Objective, shared_parameters
 from densemtl.engine.results import primary_score, write_results
 from densemtl.engine.schedule import build_scheduler
+from densemtl.engine.task_gradients import build_task_gradients
 from densemtl.errors import ConfigError, TrainingDiverged, UserError
 from densemtl.metrics.delta_m import Results
 from densemtl.models.output import ModelOutput
@@ -170,6 +171,9 @@ class Trainer:
             )
         self.ema = WeightEMA(_unwrap(self.model), config.train.ema_decay) if config.train.ema_decay > 0 else None
         self._shared = shared_parameters(self.model)
+        self.task_gradients = build_task_gradients(
+            _unwrap(self.model), objective.balancer, trainable, config.train.accumulate
+        )
 
         self.sampler = distributed.ResumableSampler(train_set, dist_info, seed=config.train.seed)
         if self.sampler.num_samples < config.data.batch_size:
@@ -276,12 +280,19 @@ class Trainer:
             last = micro == accumulate - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
             with sync:
-                self.scaler.scale(total / accumulate).backward()
+                if self.task_gradients is None:
+                    self.scaler.scale(total / accumulate).backward()
+                else:
+                    self.task_gradients.backward(total / accumulate, self.scaler, accumulate, self.step)
             for key, value in figures.items():
                 sums[key] = sums.get(key, 0.0) + value.detach() / accumulate
         self._sync_objective_grads()
+        if self.task_gradients is not None:
+            self.scaler.unscale_(self.optimizer)  # the balancer combines true gradients
+            sums.update(self.task_gradients.finish(self.scaler, self.step))
         if self.train_cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
+            if self.task_gradients is None:
+                self.scaler.unscale_(self.optimizer)
             # the network and the objective's own parameters (balancer weights, projectors) are clipped
             # apart, so large balancer gradients (GradNorm) never shrink the network's step
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._model_params, self.train_cfg.grad_clip).detach()

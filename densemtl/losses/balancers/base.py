@@ -34,6 +34,9 @@ class Balancer(nn.Module):
     """Turns ``{task: loss}`` into the total to back-propagate; subclasses implement :meth:`combine`."""
 
     name: ClassVar[str]
+    # True for schemes that combine per-task gradients of the shared part (``gradient.GradientBalancer``):
+    # the engine then back-propagates each task's term on its own (densemtl.engine.task_gradients)
+    needs_task_gradients: ClassVar[bool] = False
 
     def __init__(self, task_names: list[str], base_weights: dict[str, float]) -> None:
         super().__init__()
