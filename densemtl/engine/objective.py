@@ -67,6 +67,7 @@ class Objective(nn.Module):
         self.balancer = balancer
         self.regularizer = regularizer
         self.traceback_weight = traceback_weight
+        self.extra_terms: list[torch.Tensor] = []  # kept for the per-task gradient path (engine/task_gradients.py)
 
     def task_losses(self, output: ModelOutput, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
         """Each task's loss (final + weighted deep supervision) and the parts to log."""
@@ -104,6 +105,8 @@ class Objective(nn.Module):
         if self.regularizer is not None:
             terms["contrastive"] = self.regularizer(output["features"], batch)
         check_finite(terms, step)
+        if getattr(self.balancer, "needs_task_gradients", False):
+            self.extra_terms = list(terms.values())
         for name, value in terms.items():
             total = total + value
             figures[f"loss/{name}"] = value.detach()

@@ -172,7 +172,7 @@ class Trainer:
         self.ema = WeightEMA(_unwrap(self.model), config.train.ema_decay) if config.train.ema_decay > 0 else None
         self._shared = shared_parameters(self.model)
         self.task_gradients = build_task_gradients(
-            _unwrap(self.model), objective.balancer, trainable, config.train.accumulate
+            _unwrap(self.model), objective, trainable, config.train.accumulate
         )
 
         self.sampler = distributed.ResumableSampler(train_set, dist_info, seed=config.train.seed)

@@ -20,9 +20,10 @@ class MGDABalancer(GradientBalancer):
     ``gradients: representation`` (the default) is the paper's upper bound: the gradients are taken with respect
     to the shared representation, which needs one backward pass through the encoder instead of T.
     ``normalization`` divides each gradient by a normaliser before the min-norm problem (``l2``: its norm,
-    ``loss``: its loss, ``loss+``: both); the weights then multiply the unnormalised gradients. The paper's
-    text uses none; the authors' released configurations use ``loss+``, the default here, which makes the
-    weights independent of the scale of each loss (and of ``loss.weights``).
+    which makes the weights independent of each loss's scale; ``loss``: its loss; ``loss+``: both, so the
+    tasks enter as unit directions scaled by ``1 / L_t``); the weights then multiply the unnormalised
+    gradients. The paper's text uses none; the authors' released configurations use ``loss+``, the
+    default here.
     """
 
     name = "mgda"
