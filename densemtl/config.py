@@ -34,6 +34,9 @@ class SyntheticConfig:
     clip_length: int = 16
     seed: int = 0
     cache_dir: str | None = None  # default: $DENSEMTL_CACHE or ~/.cache/densemtl
+    # {task: fraction} of training frames whose label of that task is dropped (partial labels); the same
+    # frames in every epoch and run with the same seed; validation and test frames keep all their labels
+    drop_labels: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class DataConfig:
     eval_batch_size: int = 8
     num_workers: int = 0
     on_bad_sample: Literal["error", "skip"] = "error"
+    partial_labels: bool = False  # a folder dataset may lack a task's file for a sample: it trains without it
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -359,7 +363,7 @@ def validate(config: Config, source: str = "<config>") -> None:
     for registry, name in ((DATASETS, config.data.dataset), (ARCHITECTURES, config.model.arch),
                            (BALANCERS, config.loss.balancer)):
         registry.check(name, source)
-    for check in (_check_tasks, _check_sizes, _check_ranges):
+    for check in (_check_tasks, _check_sizes, _check_ranges, _check_partial_labels):
         check(config, fail)
 
 
@@ -409,3 +413,12 @@ def _check_ranges(config: Config, fail: _Fail) -> None:
     if config.data.num_workers < 0:
         fail("data.num_workers", "must be >= 0")
 
+
+def _check_partial_labels(config: Config, fail: _Fail) -> None:
+    """``data.synthetic.drop_labels``: tasks of the run, fractions in [0, 1]."""
+    for name, fraction in config.data.synthetic.drop_labels.items():
+        key = f"data.synthetic.drop_labels.{name}"
+        if name not in config.data.tasks:
+            fail(key, f"not a trained task ({', '.join(config.data.tasks)})")
+        if not 0.0 <= fraction <= 1.0:  # NaN fails too
+            fail(key, f"must be a fraction in [0, 1], got {fraction}")

@@ -158,7 +158,7 @@ class TaskGradients:
     def backward(self, total: Tensor, scaler: torch.amp.GradScaler, accumulate: int, step: int) -> None:
         """Back-propagate one micro-batch's ``total`` (already divided by ``accumulate``) and record the
         per-task gradients; replaces ``scaler.scale(total).backward()``."""
-        terms = self.balancer.take_terms() / accumulate
+        terms = self.balancer.take_terms().to(total.device) / accumulate
         extra = self._extra_total(accumulate)
         self.losses = self.losses.to(terms.device) + terms.detach().float()
         if self.cut is not None:

@@ -60,11 +60,10 @@ class GradientBalancer(Balancer):
         return self._terms.sum(), self._as_dict(base)
 
     def take_terms(self) -> Tensor:
-        """The per-task terms ``b_t L_t`` of the last :meth:`combine` (the engine back-propagates each)."""
-        if self._terms is None:
-            raise RuntimeError(f"balancer '{self.name}': take_terms() before combine()")
+        """The per-task terms ``b_t L_t`` of the last :meth:`combine` (the engine back-propagates each);
+        zeros when the objective had no labelled task to combine."""
         terms, self._terms = self._terms, None
-        return terms
+        return terms if terms is not None else torch.zeros(len(self.task_names))
 
     def combination(self, gram: Tensor, losses: Tensor, step: int) -> Tensor:
         """Coefficients ``c`` (float64, T) of the shared update ``sum_t c_t g_t``.
