@@ -1,0 +1,117 @@
+"""Cost of each loss balancer per training step, relative to ``fixed``: time and memory.
+
+The gradient-manipulating schemes (pcgrad, cagrad, mgda, nashmtl) back-propagate every task's loss on its
+own through the shared part, then the total once more: about T + 1 backward passes through the encoder
+instead of one for T tasks (MGDA-UB's default, the gradients of the shared representation, stops those
+passes at the representation and needs one pass through the encoder). Each balancer runs the real
+``Trainer.train_step`` in a fresh process, so its peak resident memory (and, on a GPU, its peak allocated
+memory) is its own. Prints a table and writes JSON.
+
+    python benchmarks/balancers.py --out runs/bench/balancers.json [--set data.batch_size=8] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+# name -> extra overrides; mgda twice: its default (the representation) and on the shared parameters
+VARIANTS = {
+    "fixed": [],
+    "gradnorm": ["loss.balancer=gradnorm"],
+    "pcgrad": ["loss.balancer=pcgrad"],
+    "cagrad": ["loss.balancer=cagrad"],
+    "mgda": ["loss.balancer=mgda"],
+    "mgda (parameters)": ["loss.balancer=mgda", "loss.balancer_args={gradients: parameters}"],
+    "nashmtl": ["loss.balancer=nashmtl"],
+}
+BASE = ["model.arch=multitask", "loss.balancer=fixed", "train.device=auto"]
+
+
+def measure(config_path: str, overrides: list[str], steps: int, threads: int) -> dict:
+    """Median seconds per training step (after two warm-up steps) and peak memory, in this process."""
+    from densemtl.config import load_config
+    from densemtl.data import build_dataset
+    from densemtl.engine.distributed import setup
+    from densemtl.engine.objective import build_objective
+    from densemtl.engine.trainer import Trainer
+    from densemtl.models import build_model
+    from densemtl.tasks import build_tasks
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = load_config(config_path, BASE + overrides + ["out_dir=/tmp/densemtl-bench-balancers"])
+    dist_info, device = setup(config.train.device)
+    train_set = build_dataset(config.data, config.data.train_split, train=True)
+    tasks = build_tasks(config.data.tasks, train_set.info, config.loss.normals_loss)
+    model = build_model(config, train_set.info, tasks)
+    objective = build_objective(config, tasks, model.feature_channels)
+    trainer = Trainer(config, model, objective, train_set, config.out_dir, info=train_set.info,
+                      dist_info=dist_info, device=device)
+    times = []
+    for step in range(steps + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+    shared = trainer.task_gradients.shared if trainer.task_gradients is not None else []
+    return {
+        "seconds_per_step": statistics.median(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        "tasks": len(tasks),
+        "shared_parameters": sum(p.numel() for p in shared),
+        "device": str(device),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/synthetic_mtcp.yaml")
+    parser.add_argument("--set", nargs="*", default=[], help="dotted overrides for every variant")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one variant, in a child process
+    parser.add_argument("--out", default="runs/bench/balancers.json")
+    args = parser.parse_args()
+    if args.only is not None:
+        print(json.dumps(measure(args.config, VARIANTS[args.only] + args.set, args.steps, args.threads)))
+        return
+
+    from densemtl.jsonio import write_json
+
+    rows = {}
+    for name in VARIANTS:
+        command = [sys.executable, __file__, "--only", name, "--config", args.config, "--steps", str(args.steps),
+                   "--threads", str(args.threads), "--set", *args.set]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"measured {name}", file=sys.stderr)
+    fixed = rows["fixed"]
+    print(f"{rows['fixed']['tasks']} tasks, {rows['pcgrad']['shared_parameters'] / 1e6:.2f}M shared parameters, "
+          f"{args.steps} steps each on {fixed['device']}")
+    print(f"{'balancer':<20}{'s/step':>9}{'x fixed':>9}{'peak RSS MB':>13}{'x fixed':>9}{'+MB':>7}{'CUDA MB':>9}")
+    for name, row in rows.items():
+        row["time_vs_fixed"] = row["seconds_per_step"] / fixed["seconds_per_step"]
+        row["memory_vs_fixed"] = row["peak_rss_mb"] / fixed["peak_rss_mb"]
+        row["memory_over_fixed_mb"] = row["peak_rss_mb"] - fixed["peak_rss_mb"]
+        cuda = f"{row['peak_cuda_mb']:.0f}" if row["peak_cuda_mb"] is not None else "-"
+        print(f"{name:<20}{row['seconds_per_step']:>9.3f}{row['time_vs_fixed']:>9.2f}{row['peak_rss_mb']:>13.0f}"
+              f"{row['memory_vs_fixed']:>9.2f}{row['memory_over_fixed_mb']:>7.0f}{cuda:>9}")
+    summary = {"config": args.config, "overrides": args.set, "steps": args.steps, "rows": rows}
+    print(f"wrote {write_json(summary, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
