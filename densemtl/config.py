@@ -100,10 +100,15 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     boundary_max_dist: float | None = None  # fraction of the diagonal; None = the dataset's protocol
-    boundary_thresholds: int = 99
+    boundary_thresholds: int | None = None  # None = the edge protocol's own; K = k/(K+1), k=1..K (quicker)
     boundary_matcher: Literal["exact", "bsds"] = "exact"
+    # how soft boundary maps become SEISM's thresholded maps: HED NMS + SEISM (default), InvPT/TaskPrompter's
+    # tool, or Multi-Task-Learning-PyTorch's (densemtl/metrics/edge_protocols.py)
+    edge_protocol: Literal["seism-hed", "invpt", "mtlpt"] = "seism-hed"
     boundary_during_training: bool = True
     saliency_thresholds: int = 19
+    # saliency's metric in delta_m: maxF (the field's tables) or MTL-PyTorch's mIoU (best of its 15 thresholds)
+    delta_m_saliency: Literal["maxF", "mIoU"] = "maxF"
 
 
 @dataclass
@@ -399,7 +404,7 @@ def _check_ranges(config: Config, fail: _Fail) -> None:
         "train.log_every": config.train.log_every,
         "train.eval_every": config.train.eval_every,
         "train.checkpoint_every": config.train.checkpoint_every,
-        "eval.boundary_thresholds": config.eval.boundary_thresholds,
+        "eval.boundary_thresholds": config.eval.boundary_thresholds or 1,  # None = the protocol's own
         "data.synthetic.height": config.data.synthetic.height,
         "data.synthetic.width": config.data.synthetic.width,
     }

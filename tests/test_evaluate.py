@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 from torch import nn
 
 from densemtl.config import DataConfig, load_config, to_dict
@@ -218,3 +219,56 @@ def test_checkpoint_and_saved_predictions_agree(tmp_path: Path) -> None:
     from_disk = evaluate_predictions(tmp_path / "pred", "synthetic", None, split="val", synthetic=config.data.synthetic)
     for name in tasks:
         assert from_disk[name] == pytest.approx(from_checkpoint[name], rel=1e-6), name
+
+
+def _noisy_predictions(root: Path, expected: dict, seed: int = 0) -> None:
+    """Imperfect predictions of every NYUD task (a few negative depths, blurred noisy boundary maps)."""
+    rng = np.random.default_rng(seed)
+    info = build_dataset(DataConfig(dataset="nyud", root=str(root / "nyud"), tasks=TASKS), "val", train=False).info
+    tasks = build_tasks(TASKS, info)
+    for image_name, frame in expected["val"].items():
+        shape = frame["semseg"].shape
+        edge = np.clip(ndimage.gaussian_filter(frame["edge"], 1.0) * 2 + 0.2 * rng.random(shape), 0, 1)
+        values = {
+            "semseg": np.where(rng.random(shape) < 0.7, np.where(frame["semseg"] == 255, 0, frame["semseg"]),
+                               rng.integers(0, 40, size=shape)),
+            "depth": (frame["depth"] + rng.normal(scale=0.3, size=shape))[None].astype(np.float32),
+            "normals": frame["normals"] + rng.normal(scale=0.2, size=frame["normals"].shape).astype(np.float32),
+            "edge": edge.astype(np.float32),
+        }
+        for name, task in tasks.items():
+            (root / "pred" / name).mkdir(parents=True, exist_ok=True)
+            task.save(torch.from_numpy(values[name]), root / "pred" / name / image_name)
+
+
+def test_worker_processes_give_the_same_figures(tmp_path: Path) -> None:
+    expected = write_nyud(tmp_path / "nyud", layout="NYUDv2", splits={"train": 1, "val": 5})
+    _noisy_predictions(tmp_path, expected)
+    runs = {
+        (protocol, workers): evaluate_predictions(tmp_path / "pred", "nyud", tmp_path / "nyud", split="val",
+                                                  edge_protocol=protocol, workers=workers)
+        for protocol in ("seism-hed", "invpt") for workers in (1, 2)
+    }
+    for protocol in ("seism-hed", "invpt"):
+        assert runs[protocol, 1] == runs[protocol, 2]  # identical, not just close
+    assert runs["seism-hed", 1]["edge"] != runs["invpt", 1]["edge"]
+    assert 0 < runs["seism-hed", 1]["edge"]["odsF"] < 100
+    with pytest.raises(UserError, match="--workers must be at least 1"):
+        evaluate_predictions(tmp_path / "pred", "nyud", tmp_path / "nyud", split="val", workers=0)
+
+
+def test_command_line_chooses_the_edge_protocol_and_workers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from densemtl.cli import main
+
+    expected = write_nyud(tmp_path / "nyud", layout="NYUDv2", splits={"train": 1, "val": 2})
+    _noisy_predictions(tmp_path, expected)
+    common = ["evaluate", "--predictions", str(tmp_path / "pred"), "--dataset", "nyud",
+              "--root", str(tmp_path / "nyud")]
+    assert main([*common, "--edge-protocol", "mtlpt", "--workers", "2", "--out", str(tmp_path / "m.json")]) == 0
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert written["evaluation"]["eval"]["edge_protocol"] == "mtlpt"
+    assert written["results"] == evaluate_predictions(tmp_path / "pred", "nyud", tmp_path / "nyud",
+                                                      edge_protocol="mtlpt", workers=1)
+    capsys.readouterr()
+    assert main([*common, "--workers", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "densemtl: error: --workers must be at least 1, got 0"

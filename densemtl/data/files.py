@@ -12,7 +12,7 @@ a task's file: that task's label is missing for it (:mod:`densemtl.data.base`); 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -115,6 +115,8 @@ class FolderDataset(DenseDataset):
 
     markers: ClassVar[tuple[str, ...]]  # sub-folders (relative paths) of which one identifies the dataset
     task_sources: ClassVar[dict[str, str]] = {}  # task -> source key, where the task's file is another
+    # task -> its evaluation target from (training target, per-sample cache), where the two differ
+    evaluation_targets: ClassVar[dict[str, Callable[[np.ndarray, dict[str, Any]], np.ndarray]]] = {}
 
     def __init__(self, data_config: DataConfig, split: str, train: bool) -> None:
         if not data_config.root:
@@ -145,6 +147,7 @@ class FolderDataset(DenseDataset):
         if not self.names:
             raise DataError(f"{self.split_file(self.root, split)}: no sample of split '{split}' has all its files")
         self.files = [files[name] for name in self.names]
+        self.train = train
         self.transform = build_transform(data_config, train=train)
         self.info = self.dataset_info(self.tasks)
         self.skipped = 0
@@ -229,14 +232,19 @@ class FolderDataset(DenseDataset):
         return target
 
     def load_raw(self, index: int) -> dict[str, Any]:
-        """Sample ``index`` decoded but not transformed (the raw format of :mod:`densemtl.data.transforms`)."""
+        """Sample ``index`` decoded but not transformed (the raw format of :mod:`densemtl.data.transforms`);
+        an evaluation dataset (``train=False``) holds the evaluation targets."""
         files = self.files[index]
         image = read_rgb(files["image"])
         cache: dict[str, Any] = {}
         raw: dict[str, Any] = {"image": image}
         for task in self.tasks:
-            labelled = self.needs[task] <= files.keys()
-            raw[task] = self.read_task(task, files, image.shape[:2], cache) if labelled else None
+            if not self.needs[task] <= files.keys():
+                raw[task] = None  # partial labels: this sample lacks the task's file
+                continue
+            raw[task] = self.read_task(task, files, image.shape[:2], cache)
+            if not self.train and task in self.evaluation_targets:
+                raw[task] = self.evaluation_targets[task](raw[task], cache)
         raw["meta"] = {"name": self.names[index]}
         return raw
 
