@@ -1,4 +1,5 @@
-"""Cost of each loss balancer per training step, relative to ``fixed``: time and memory.
+"""Cost of each loss balancer per training step relative to ``fixed`` (time and memory), and the trained
+comparison of the balancers on the synthetic scenes.
 
 The gradient-manipulating schemes (pcgrad, cagrad, mgda, nashmtl) back-propagate every task's loss on its
 own through the shared part, then the total once more: about T + 1 backward passes through the encoder
@@ -8,6 +9,15 @@ passes at the representation and needs one pass through the encoder). Each balan
 memory) is its own. Prints a table and writes JSON.
 
     python benchmarks/balancers.py --out runs/bench/balancers.json [--set data.batch_size=8] [--steps 10]
+
+``--compare ROOT --references REFS`` summarises trained runs instead: ``ROOT/seed<s>/<balancer>/results.json``
+against the single-task networks ``REFS/seed<s>/single/results.json`` of the same seed. Per balancer: each
+task's primary metric and Delta-m (mean ± standard deviation over seeds), the paired difference of Delta-m
+to ``fixed`` on the same seeds, and whether it is outside the seed noise (the same sign on every seed and a
+mean larger than the standard deviation of the differences). Prints a Markdown table, writes JSON.
+
+    python benchmarks/balancers.py --compare runs/bal20/compare --references runs/m16/compare \
+        --out runs/bench/balancer_comparison.json
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -76,6 +87,59 @@ def measure(config_path: str, overrides: list[str], steps: int, threads: int) ->
     }
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell(values: list[float], digits: int) -> str:
+    mean, sd = _mean_sd(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def noise_verdict(differences: list[float]) -> str:
+    """``ahead``/``behind`` when every seed agrees in sign and the mean exceeds the differences' spread."""
+    mean, sd = _mean_sd(differences)
+    same_sign = all(d > 0 for d in differences) or all(d < 0 for d in differences)
+    if len(differences) > 1 and same_sign and abs(mean) > sd:
+        return "ahead" if mean > 0 else "behind"
+    return "inside noise"
+
+
+def compare(root: Path, references: Path, seeds: list[int], balancers: list[str]) -> dict:
+    """The summary described in the module docstring (``fixed`` must be among ``balancers``)."""
+    from densemtl.metrics.delta_m import delta_m, load_results
+    from densemtl.registry import TASKS
+
+    single = {s: load_results(references / f"seed{s}" / "single" / "results.json") for s in seeds}
+    runs = {b: {s: load_results(root / f"seed{s}" / b / "results.json") for s in seeds} for b in balancers}
+    deltas = {b: [delta_m(runs[b][s], single[s]) for s in seeds] for b in balancers}
+    tasks = list(single[seeds[0]])
+    rows = {}
+    for name in balancers:
+        differences = [a - b for a, b in zip(deltas[name], deltas["fixed"], strict=True)]
+        rows[name] = {
+            "primary": {t: [runs[name][s][t][TASKS[t].primary_metric] for s in seeds] for t in tasks},
+            "delta_m": deltas[name],
+            "minus_fixed": differences,
+            "verdict": noise_verdict(differences) if name != "fixed" else "",
+        }
+    header = ["balancer", *(f"{t} {TASKS[t].primary_metric}" for t in tasks), "Delta-m %",
+              "minus fixed (per seed)", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    reference = {t: [single[s][t][TASKS[t].primary_metric] for s in seeds] for t in tasks}
+    lines.append("| single-task | " + " | ".join(_cell(reference[t], 3 if t == "depth" else 2) for t in tasks)
+                 + " | 0 | | |")
+    for name, row in rows.items():
+        cells = [name, *(_cell(row["primary"][t], 3 if t == "depth" else 2) for t in tasks), _cell(row["delta_m"], 2)]
+        paired = row["minus_fixed"]
+        cells.append("" if name == "fixed" else
+                     f"{statistics.mean(paired):+.2f} ({' / '.join(f'{d:+.2f}' for d in paired)})")
+        cells.append(row["verdict"])
+        lines.append("| " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    return {"seeds": seeds, "root": str(root), "references": str(references), "single": reference, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/synthetic_mtcp.yaml")
@@ -83,8 +147,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one variant, in a child process
+    parser.add_argument("--compare", type=Path, default=None, help="summarise the trained runs under this folder")
+    parser.add_argument("--references", type=Path, default=None, help="folder of the single-task runs")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--balancers", nargs="+", default=["fixed", "pcgrad", "cagrad", "mgda", "nashmtl"])
     parser.add_argument("--out", default="runs/bench/balancers.json")
     args = parser.parse_args()
+    if args.compare is not None:
+        from densemtl.jsonio import write_json
+
+        summary = compare(args.compare, args.references or args.compare, args.seeds, args.balancers)
+        print(f"wrote {write_json(summary, args.out)}")
+        return
     if args.only is not None:
         print(json.dumps(measure(args.config, VARIANTS[args.only] + args.set, args.steps, args.threads)))
         return
