@@ -22,7 +22,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config.out_dir = args.out
     from densemtl.engine.run import run_training
 
-    run_training(config, resume=args.resume)
+    run_training(config, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
     train.add_argument("--out", help="run directory (default: the config's out_dir)")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="train into an --out folder that holds other files than a densemtl run")
     train.set_defaults(func=_cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="score a checkpoint or saved predictions")

@@ -12,11 +12,13 @@ from PIL import Image
 from scipy import ndimage
 from torch import nn
 
+from densemtl.cli import main
 from densemtl.config import DataConfig, load_config, to_dict
 from densemtl.data import build_dataset
 from densemtl.dataset_info import DatasetInfo
 from densemtl.engine.checkpoint import info_to_dict, save_checkpoint
 from densemtl.engine.evaluate import (
+    _check_prediction,
     build_metrics,
     compute_all,
     evaluate_checkpoint,
@@ -219,6 +221,36 @@ def test_checkpoint_and_saved_predictions_agree(tmp_path: Path) -> None:
     from_disk = evaluate_predictions(tmp_path / "pred", "synthetic", None, split="val", synthetic=config.data.synthetic)
     for name in tasks:
         assert from_disk[name] == pytest.approx(from_checkpoint[name], rel=1e-6), name
+
+
+def test_non_finite_predictions_are_named_per_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN or infinity in any task's prediction, class maps read as floats included, is one line per file."""
+    expected = write_nyud(tmp_path / "nyud", layout="NYUD_MT", splits={"train": 1, "val": 3})
+    names = sorted(expected["val"])
+    semseg = build_tasks(["semseg"], DatasetInfo("toy", ("semseg",), num_classes={"semseg": 40}))["semseg"]
+    target = torch.zeros(24, 32, dtype=torch.long)
+    for value in (float("nan"), float("inf")):
+        labels = torch.zeros(24, 32)
+        labels[2, 3] = value
+        problem = _check_prediction(semseg, Path("other/semseg/a.npy"), labels, target)
+        assert problem == "other/semseg/a.npy: holds NaN or infinite values (1 of 768)"
+    for index, name in enumerate(names):
+        depth = expected["val"][name]["depth"].copy()
+        normals = expected["val"][name]["normals"].transpose(1, 2, 0).copy()
+        if index < 2:
+            (depth if index == 0 else normals)[5, 6] = np.nan
+        for task, array in (("depth", depth), ("normals", normals)):
+            (tmp_path / "pred" / task).mkdir(parents=True, exist_ok=True)
+            np.save(tmp_path / "pred" / task / f"{name}.npy", array.astype(np.float32))
+    argv = ["evaluate", "--predictions", str(tmp_path / "pred"), "--dataset", "nyud", "--root", str(tmp_path / "nyud")]
+    assert main([*argv, "--all-errors"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "2 bad prediction file(s)" in err
+    assert f"depth/{names[0]}.npy: holds NaN or infinite values (1 of 768)" in err
+    assert f"normals/{names[1]}.npy: holds NaN or infinite values (3 of 2304)" in err
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "densemtl: error" in line]
+    assert lines == [f"densemtl: error: {tmp_path}/pred/depth/{names[0]}.npy: holds NaN or infinite values (1 of 768)"]
 
 
 def _noisy_predictions(root: Path, expected: dict, seed: int = 0) -> None:

@@ -18,7 +18,7 @@ from scipy.optimize import least_squares, minimize
 from densemtl.config import LossConfig
 from densemtl.engine import distributed
 from densemtl.engine.checkpoint import load_checkpoint
-from densemtl.errors import ConfigError
+from densemtl.errors import ConfigError, TrainingDiverged
 from densemtl.losses.balancers import build_balancer
 from densemtl.losses.balancers.gradient import GradientBalancer
 from densemtl.registry import BALANCERS
@@ -319,6 +319,29 @@ def test_an_overflowing_step_is_skipped_and_leaves_the_balancer_alone(tmp_path):
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     assert trainer.train_step()["skipped_combination"] == 0.0
     assert not torch.equal(balancer.alpha, torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("gradients", ["parameters", "representation"])
+def test_a_non_finite_combination_meets_the_trainers_guard(tmp_path, scaled_sum, gradients):
+    """A combination that comes out non-finite (coefficients of infinity here) is never stepped on: without
+    loss scaling training stops before the optimiser step, naming a shared parameter; with fp16 scaling the
+    scaler sees it (the combination is written before it unscales), skips the step and halves its scale."""
+    common = ["loss.balancer=scaled_sum", f"loss.balancer_args={{gradients: {gradients}}}", "data.tasks=[semseg,depth]"]
+    trainer = make_trainer(tiny_config(tmp_path, *common), tmp_path / "plain", GroupNormNet)
+    trainer.objective.balancer.factor = float("inf")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(TrainingDiverged, match=r"non-finite gradient after step 0 \(first in 'body\."):
+        trainer.train_step()
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    scaled = make_trainer(tiny_config(tmp_path, *common), tmp_path / "scaled", GroupNormNet)
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    scaled.objective.balancer.factor = float("inf")
+    scaled.train_step()
+    assert all(torch.equal(p, before[n]) for n, p in scaled.model.named_parameters())
+    assert scaled.scaler.get_scale() == 128.0 and scaled.step == 1
+    scaled.objective.balancer.factor = 1.0
+    scaled.train_step()
+    assert not all(torch.equal(p, before[n]) for n, p in scaled.model.named_parameters())
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "mgda"])

@@ -17,7 +17,7 @@ from densemtl.data.transforms import JointTransform, to_tensor_sample
 from densemtl.dataset_info import DatasetInfo
 from densemtl.engine.evaluate import evaluate_model
 from densemtl.engine.objective import Objective
-from densemtl.errors import DataError
+from densemtl.errors import ConfigError, DataError
 from densemtl.losses.balancers import build_balancer
 from densemtl.registry import BALANCERS
 from densemtl.tasks import DepthTask, NormalsTask, SemsegTask, build_tasks
@@ -208,6 +208,14 @@ def test_a_folder_dataset_declared_partial_keeps_samples_without_a_task_file(tmp
     assert any("train_002" in problem for problem in check_dataset(tmp_path, partial=True))
 
 
-def test_partial_configuration_is_checked():
-    with pytest.raises(Exception, match="must be a fraction"):
-        load_config(None, ["data.synthetic.drop_labels={depth: .nan}"])
+@pytest.mark.parametrize("value, why", [(".nan", r"must be in \[0, 1\], got nan"), ("1.5", r"must be in \[0, 1\]"),
+                                        ("-0.1", r"must be in \[0, 1\]")])
+def test_dropped_fractions_are_checked(value, why):
+    with pytest.raises(ConfigError, match=rf"'data.synthetic.drop_labels.depth': {why}"):
+        load_config(None, [f"data.synthetic.drop_labels={{depth: {value}}}"])
+
+
+def test_dropped_labels_name_a_trained_task():
+    with pytest.raises(ConfigError, match=r"'data.synthetic.drop_labels.edge': not a trained task"):
+        load_config(None, ["data.tasks=[semseg,depth]", "data.synthetic.drop_labels={edge: 0.5}"])
+    assert load_config(None, ["data.synthetic.drop_labels={depth: 1.0}"]).data.synthetic.drop_labels == {"depth": 1.0}

@@ -221,14 +221,18 @@ class FolderDataset(DenseDataset):
     def read_task(
         cls, task: str, files: dict[str, Path], size: tuple[int, int], cache: dict[str, Any]
     ) -> np.ndarray:
-        """:meth:`read_target`, checked to have the image's height and width ``size``."""
+        """:meth:`read_target`, checked to have the image's height and width ``size`` and no NaN or infinity
+        (which would reach the loss as a divergence instead of naming the file)."""
         target = cls.read_target(task, files, size, cache)
+        path = files[cls.task_sources.get(task, task)]
         if tuple(target.shape[-2:]) != tuple(size):
-            path = files[cls.task_sources.get(task, task)]
             raise DataError(
                 f"{path}: {task} target is {target.shape[-2]}x{target.shape[-1]}, "
                 f"the image {files['image'].name} is {size[0]}x{size[1]}"
             )
+        if np.issubdtype(target.dtype, np.floating) and not np.isfinite(target).all():
+            count = int((~np.isfinite(target)).sum())
+            raise DataError(f"{path}: {task} target holds NaN or infinite values ({count} of {target.size})")
         return target
 
     def load_raw(self, index: int) -> dict[str, Any]:

@@ -237,12 +237,12 @@ def _check_prediction(task: Task, path: Path, pred: torch.Tensor, target: torch.
     expected = tuple(target.shape[-2:])
     if tuple(pred.shape[-2:]) != expected:
         return f"{path}: prediction size {tuple(pred.shape[-2:])}, ground truth {expected} (H, W)"
+    if pred.is_floating_point() and not torch.isfinite(pred).all():  # any task's, class maps read as floats too
+        return f"{path}: holds NaN or infinite values ({int((~torch.isfinite(pred)).sum())} of {pred.numel()})"
     if isinstance(task, ClassMapTask):
         bad = pred[(pred < 0) | (pred >= task.num_classes)]
         if bad.numel():
             return f"{path}: label {int(bad.min())} out of range 0..{task.num_classes - 1}"
-    elif not torch.isfinite(pred).all():
-        return f"{path}: holds NaN or infinite values"
     return None
 
 

@@ -23,9 +23,11 @@ shared otherwise (the backbone, a shared neck).
   with ``sum_t c_t dL_t/dz`` plus the extra terms' part) gives every parameter its gradient. Needs
   ``train.accumulate: 1`` (the coefficients must be known before that backward pass).
 
-Steps whose per-task gradients are not finite (an fp16 overflow) are not combined: the gradients then
-hold the overflow, the loss scaler skips the step and lowers its scale, and the balancer's state is
-unchanged.
+Steps whose per-task gradients are not finite (an fp16 overflow, a diverging run) are not combined and
+leave the balancer's state unchanged; the shared gradients then hold the non-finite sum, and the
+combination is written before the loss scaler unscales, so the trainer's guard sees either case (a
+non-finite sum or combination): with fp16 the scaler skips the step and lowers its scale, otherwise
+training stops before the optimiser step.
 """
 
 from __future__ import annotations
@@ -195,8 +197,8 @@ class TaskGradients:
         torch.autograd.backward(roots, seeds)
 
     def finish(self, scaler: torch.amp.GradScaler, step: int) -> dict[str, float]:
-        """After the last micro-batch and ``scaler.unscale_``: combine and write the shared gradients;
-        returns the figures to log (each task's factor in the shared update)."""
+        """After the last micro-batch, before ``scaler.unscale_``: combine and write the (loss-scaled) shared
+        gradients; returns the figures to log (each task's factor in the shared update)."""
         if self.cut is None:
             self._combine_parameters(scaler, step)
         figures = {f"shared_weight/{name}": value for name, value in self.balancer.shared_weights().items()}
@@ -209,13 +211,13 @@ class TaskGradients:
         self.losses = torch.zeros_like(self.losses)
         if rows is None or not self.shared:
             return
-        if scaler.is_enabled():
-            rows = rows * (1.0 / scaler.get_scale())
-        rows = distributed.all_reduce_mean(rows)
+        rows = distributed.all_reduce_mean(rows)  # loss-scaled, like the gradients the scaler unscales next
         self.skipped = not bool(torch.isfinite(rows).all())
         if self.skipped:
-            return
-        update = self.balancer.combine_gradients(rows[:-1], losses, step) + rows[-1]
+            update = rows.sum(0)  # non-finite: the trainer's guard skips the step or stops
+        else:
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            update = (self.balancer.combine_gradients(rows[:-1] / scale, losses, step) + rows[-1] / scale) * scale
         offset = 0
         for param in self.shared:
             size = param.numel()
