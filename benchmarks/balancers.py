@@ -15,7 +15,8 @@ a machine shared with other jobs inflates less. Prints a table and writes JSON.
 against the single-task networks ``REFS/seed<s>/single/results.json`` of the same seed. Per balancer: each
 task's primary metric and Delta-m (mean ± standard deviation over seeds), the paired difference of Delta-m
 to ``fixed`` on the same seeds, and whether it is outside the seed noise (the same sign on every seed and a
-mean larger than the standard deviation of the differences). Prints a Markdown table, writes JSON.
+mean larger than the standard deviation of the differences), and Delta-m per seed. Runs not finished yet
+are listed as pending. Prints Markdown tables, writes JSON.
 
     python benchmarks/balancers.py --compare runs/bal20/compare --references runs/m16/compare \
         --out runs/bench/balancer_comparison.json
@@ -96,11 +97,13 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def _cell(values: list[float], digits: int) -> str:
     mean, sd = _mean_sd(values)
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def noise_verdict(differences: list[float]) -> str:
     """``ahead``/``behind`` when every seed agrees in sign and the mean exceeds the differences' spread."""
+    if not differences:
+        return "pending"
     mean, sd = _mean_sd(differences)
     same_sign = all(d > 0 for d in differences) or all(d < 0 for d in differences)
     if len(differences) > 1 and same_sign and abs(mean) > sd:
@@ -109,38 +112,56 @@ def noise_verdict(differences: list[float]) -> str:
 
 
 def compare(root: Path, references: Path, seeds: list[int], balancers: list[str]) -> dict:
-    """The summary described in the module docstring (``fixed`` must be among ``balancers``)."""
+    """The summary described in the module docstring (``fixed`` must be among ``balancers``). A run without
+    its ``results.json`` yet is left out and listed as pending; paired differences use the seeds where both
+    runs exist."""
     from densemtl.metrics.delta_m import delta_m, load_results
     from densemtl.registry import TASKS
 
     single = {s: load_results(references / f"seed{s}" / "single" / "results.json") for s in seeds}
-    runs = {b: {s: load_results(root / f"seed{s}" / b / "results.json") for s in seeds} for b in balancers}
-    deltas = {b: [delta_m(runs[b][s], single[s]) for s in seeds] for b in balancers}
+    paths = {b: {s: root / f"seed{s}" / b / "results.json" for s in seeds} for b in balancers}
+    runs = {b: {s: load_results(path) for s, path in by_seed.items() if path.exists()} for b, by_seed in paths.items()}
+    pending = [str(path.parent) for b in balancers for s, path in paths[b].items() if s not in runs[b]]
+    deltas = {b: {s: delta_m(results, single[s]) for s, results in runs[b].items()} for b in balancers}
     tasks = list(single[seeds[0]])
     rows = {}
     for name in balancers:
-        differences = [a - b for a, b in zip(deltas[name], deltas["fixed"], strict=True)]
+        paired = [s for s in deltas[name] if s in deltas["fixed"]]
+        differences = [deltas[name][s] - deltas["fixed"][s] for s in paired]
         rows[name] = {
-            "primary": {t: [runs[name][s][t][TASKS[t].primary_metric] for s in seeds] for t in tasks},
-            "delta_m": deltas[name],
+            "seeds": list(deltas[name]),
+            "primary": {t: [runs[name][s][t][TASKS[t].primary_metric] for s in deltas[name]] for t in tasks},
+            "delta_m": list(deltas[name].values()),
+            "paired_seeds": paired,
             "minus_fixed": differences,
             "verdict": noise_verdict(differences) if name != "fixed" else "",
         }
-    header = ["balancer", *(f"{t} {TASKS[t].primary_metric}" for t in tasks), "Delta-m %",
+    header = ["balancer", "seeds", *(f"{t} {TASKS[t].primary_metric}" for t in tasks), "Delta-m %",
               "minus fixed (per seed)", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     reference = {t: [single[s][t][TASKS[t].primary_metric] for s in seeds] for t in tasks}
-    lines.append("| single-task | " + " | ".join(_cell(reference[t], 3 if t == "depth" else 2) for t in tasks)
-                 + " | 0 | | |")
+    lines.append(f"| single-task | {','.join(map(str, seeds))} | "
+                 + " | ".join(_cell(reference[t], 3 if t == "depth" else 2) for t in tasks) + " | 0 | | |")
     for name, row in rows.items():
-        cells = [name, *(_cell(row["primary"][t], 3 if t == "depth" else 2) for t in tasks), _cell(row["delta_m"], 2)]
+        if not row["seeds"]:
+            continue
+        cells = [name, ",".join(map(str, row["seeds"])),
+                 *(_cell(row["primary"][t], 3 if t == "depth" else 2) for t in tasks), _cell(row["delta_m"], 2)]
         paired = row["minus_fixed"]
-        cells.append("" if name == "fixed" else
+        cells.append("" if name == "fixed" or not paired else
                      f"{statistics.mean(paired):+.2f} ({' / '.join(f'{d:+.2f}' for d in paired)})")
         cells.append(row["verdict"])
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| balancer | " + " | ".join(f"Delta-m seed {s}" for s in seeds) + " |",
+              "|" + "---|" * (len(seeds) + 1)]
+    for name in balancers:
+        lines.append(f"| {name} | " + " | ".join(f"{deltas[name][s]:+.2f}" if s in deltas[name] else "pending"
+                                                 for s in seeds) + " |")
     print("\n".join(lines))
-    return {"seeds": seeds, "root": str(root), "references": str(references), "single": reference, "rows": rows}
+    if pending:
+        print("pending (no results.json yet): " + ", ".join(pending))
+    return {"seeds": seeds, "root": str(root), "references": str(references), "single": reference, "rows": rows,
+            "pending": pending}
 
 
 def main() -> None:
