@@ -102,11 +102,11 @@ def _cell(values: list[float], digits: int) -> str:
 
 def noise_verdict(differences: list[float]) -> str:
     """``ahead``/``behind`` when every seed agrees in sign and the mean exceeds the differences' spread."""
-    if not differences:
-        return "pending"
+    if len(differences) < 2:
+        return "pending" if not differences else "one seed: not judged"
     mean, sd = _mean_sd(differences)
     same_sign = all(d > 0 for d in differences) or all(d < 0 for d in differences)
-    if len(differences) > 1 and same_sign and abs(mean) > sd:
+    if same_sign and abs(mean) > sd:
         return "ahead" if mean > 0 else "behind"
     return "inside noise"
 
