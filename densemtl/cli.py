@@ -131,7 +131,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from densemtl.data.check import check_dataset
 
-    problems = check_dataset(Path(args.root), dataset=args.dataset, quick=args.quick)
+    problems = check_dataset(Path(args.root), dataset=args.dataset, quick=args.quick, partial=args.partial)
     return 1 if problems else 0
 
 
@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("root")
     check.add_argument("--dataset", choices=list(DATASETS), default=None, help="default: detected")
     check.add_argument("--quick", action="store_true", help="open a sample of the files, not all")
+    check.add_argument("--partial", action="store_true",
+                       help="the dataset is partially labelled (data.partial_labels): report each task's coverage "
+                            "instead of its missing files")
     check.set_defaults(func=_cmd_data_check)
     return parser
 

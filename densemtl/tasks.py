@@ -174,6 +174,11 @@ class Task:
         return tensor
 
     @classmethod
+    def empty_target(cls, size: tuple[int, int]) -> torch.Tensor:
+        """The target of a sample without this task's label: every pixel invalid (``fill_value``)."""
+        return torch.full((cls.target_channels, *size), float(cls.fill_value))
+
+    @classmethod
     def resize_target(cls, target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """``target`` resampled to ``size`` by nearest neighbour, which keeps every value exact."""
         batched = target[None, None] if target.ndim == 2 else target[None]
@@ -221,6 +226,10 @@ class ClassMapTask(Task):
         if tensor.ndim != 2:
             raise DataError(f"target '{cls.name}': expected an H x W label map, got shape {tuple(tensor.shape)}")
         return tensor.long()
+
+    @classmethod
+    def empty_target(cls, size: tuple[int, int]) -> torch.Tensor:
+        return torch.full(size, IGNORE_INDEX, dtype=torch.long)
 
     def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.semseg import ConfusionMetric
