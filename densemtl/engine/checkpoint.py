@@ -24,6 +24,7 @@ from torch import nn
 from densemtl.atomic import atomic_write
 from densemtl.config import Config
 from densemtl.dataset_info import DatasetInfo
+from densemtl.engine.model_folder import read_model_folder
 from densemtl.errors import UserError
 from densemtl.tasks import Task
 
@@ -37,8 +38,14 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU; a missing or unreadable file is a :class:`UserError` naming it."""
+    """Read a checkpoint on the CPU; a missing or unreadable file is a :class:`UserError` naming it.
+
+    A folder written by ``densemtl export`` is read as the same kind of state
+    (:func:`densemtl.engine.model_folder.read_model_folder`).
+    """
     path = Path(path)
+    if path.is_dir():
+        return read_model_folder(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:

@@ -1,6 +1,7 @@
 """The ``sharing`` architecture: four training phases (base -> sub-task deltas -> mask fine-tuning ->
 activation sharing) of ``sharing.phase_steps`` steps each, deployed as token-skipping inference at
-``sharing.threshold`` (``sharing.temporal_threshold`` between video frames)."""
+``sharing.threshold`` (``sharing.temporal_threshold`` between video frames), and exported with dense
+sub-tasks (:mod:`densemtl.models.sharing.dense`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from densemtl.errors import ConfigError
 from densemtl.models.architecture import Architecture, Phase
+from densemtl.models.sharing.dense import dense_sharing
 from densemtl.models.sharing.inference import SharedInference
 from densemtl.models.sharing.model import PHASES, SharingModel, build_sharing_model
 
@@ -31,4 +33,4 @@ def deploy_sharing(model: SharingModel, config: Config) -> SharedInference:
     return SharedInference(model, config.sharing.threshold, config.sharing.temporal_threshold)
 
 
-SHARING = Architecture(build=build_sharing_model, phases=sharing_phases, deploy=deploy_sharing)
+SHARING = Architecture(build=build_sharing_model, phases=sharing_phases, deploy=deploy_sharing, export=dense_sharing)

@@ -1,0 +1,210 @@
+"""ONNX export: one graph from ``image`` (N x 3 x H x W, normalised as ``tasks.json`` says; any N, H and W) to
+one output per task, named after it, in the task's natural units (:meth:`Task.predict`: class ids, metres,
+unit normals, probabilities). Needs the ``onnx`` extra (onnx, onnxruntime, onnxscript).
+
+The network (the architecture's exported form, :meth:`Architecture.exported`) is traced by ``torch.export``
+with dynamic batch, height and width at an example size that is a multiple of no stride used here
+(2 x 97 x 131), so every size-dependent branch of the model (padding, resampling) takes its general path;
+then ``torch.onnx`` writes it at opset :data:`OPSET`. Two safeguards against a graph that only holds at the
+example size: functions whose ONNX decomposition is fixed to the traced size are replaced during tracing
+by exact size-generic equivalents (:data:`SIZE_GENERIC`: adaptive average pooling as two matrix products),
+and the graph is run by onnxruntime at two other sizes (:data:`PROBES`, one a multiple of 32) and compared
+with PyTorch before it is written; the differences go to the file's metadata.
+
+A model that cannot be traced (control flow on tensor values, an operator with no ONNX form) is a
+:class:`UserError` naming the operator or the model's line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from densemtl.atomic import atomic_write
+from densemtl.engine.checkpoint import LoadedModel
+from densemtl.errors import UserError
+from densemtl.registry import ARCHITECTURES
+from densemtl.tasks import Task
+
+OPSET = 18
+EXAMPLE = (2, 97, 131)  # (N, H, W) traced
+PROBES = ((1, 64, 96), (2, 45, 77))  # (N, H, W) checked with onnxruntime after export
+TOLERANCE = 1e-4  # largest difference to PyTorch allowed, relative to the output's scale when above 1
+REQUIRED = ("onnx", "onnxruntime", "onnxscript")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # densemtl/
+
+
+class TaskOutputs(nn.Module):
+    """``image -> (prediction of each task, in task order)``: the function the ONNX graph holds."""
+
+    def __init__(self, network: nn.Module, tasks: dict[str, Task]) -> None:
+        super().__init__()
+        self.network = network
+        self.tasks = dict(tasks)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raw = self.network(image)["pred"]
+        return tuple(task.predict(raw[name]) for name, task in self.tasks.items())
+
+
+def _pooling_matrix(size: Any, cells: Any, like: torch.Tensor) -> torch.Tensor:
+    """``cells x size``: row ``i`` averages input positions ``floor(i size / cells) .. ceil((i + 1) size / cells) - 1``,
+    the windows of adaptive average pooling, built from size-generic operations only."""
+    index = torch.arange(cells, device=like.device)
+    start = torch.div(index * size, cells, rounding_mode="floor")
+    end = torch.div((index + 1) * size + cells - 1, cells, rounding_mode="floor")
+    position = torch.arange(size, device=like.device)
+    inside = (position[None] >= start[:, None]) & (position[None] < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+def adaptive_avg_pool2d(x: torch.Tensor, output_size: Any) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d`` as ``P_h x P_w^T``: the same windows for any traced input size."""
+    cells = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    rows = x.shape[-2] if cells[0] is None else cells[0]
+    cols = x.shape[-1] if cells[1] is None else cells[1]
+    return _pooling_matrix(x.shape[-2], rows, x) @ x @ _pooling_matrix(x.shape[-1], cols, x).transpose(0, 1)
+
+
+SIZE_GENERIC = {F.adaptive_avg_pool2d: adaptive_avg_pool2d}
+
+
+class _SizeGeneric(TorchFunctionMode):
+    """Calls of the functions in :data:`SIZE_GENERIC` go to their size-generic equivalents while tracing."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        return SIZE_GENERIC.get(func, func)(*args, **(kwargs or {}))
+
+
+def _require_onnx() -> tuple[Any, Any]:
+    missing = [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"ONNX export needs {', '.join(missing)}: pip install 'densemtl[onnx]'")
+    import onnx
+    import onnxruntime
+
+    return onnx, onnxruntime
+
+
+def _model_frame(err: BaseException) -> str | None:
+    """The innermost line of the model's code (a densemtl file other than this one) the error passed through."""
+    found = None
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        for frame in traceback.extract_tb(err.__traceback__):
+            path = Path(frame.filename).resolve()
+            if path.is_relative_to(PACKAGE_DIR) and path != Path(__file__).resolve():
+                found = f"{path.relative_to(PACKAGE_DIR.parent)}:{frame.lineno} in {frame.name} (`{frame.line}`)"
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def _module_of(program: Any, operator: str) -> str | None:
+    """The model's submodule (path and class) that calls ``operator`` in a traced program."""
+    nodes = program.graph.nodes if program is not None else ()
+    for node in nodes:
+        if operator in str(node.target):
+            stack = node.meta.get("nn_module_stack") or {}
+            if stack:
+                path, kind = list(stack.values())[-1]
+                return f"{path} ({getattr(kind, '__name__', kind)})"
+    return None
+
+
+_OPERATOR = re.compile(r"aten[.:]+([A-Za-z_0-9]+)")
+
+
+def _culprit(err: BaseException, program: Any = None) -> str:
+    """Where an export failed: the operator (and the module calling it) or the model's line, then the reason."""
+    message = str(err).strip()
+    reason = message.splitlines()[0] if message else type(err).__name__
+    operator = _OPERATOR.search(message)
+    if operator:
+        module = _module_of(program, operator.group(1))
+        where = f"operator aten::{operator.group(1)}" + (f" in module {module}" if module else "")
+    else:
+        where = _model_frame(err) or "the traced model"
+    return f"{where}: {reason}"
+
+
+def trace(graph: TaskOutputs, arch: str) -> Any:
+    """The ONNX program of ``graph`` with dynamic N, H and W; a clear error when it cannot be traced."""
+    example = torch.randn(*EXAMPLE[:1], 3, *EXAMPLE[1:])
+    dynamic = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    program = None
+    try:
+        with torch.no_grad(), _SizeGeneric():
+            program = torch.export.export(graph, (example,), dynamic_shapes=(dynamic,), strict=False)
+        return torch.onnx.export(
+            program, (example,), dynamo=True, input_names=["image"], output_names=list(graph.tasks),
+            opset_version=OPSET, verbose=False,
+        )
+    except Exception as err:  # torch.export and torch.onnx raise many kinds; each becomes one line here
+        raise UserError(f"cannot export model.arch '{arch}' to ONNX: {_culprit(err, program)}") from None
+
+
+def deviation(task: Task, raw: torch.Tensor, output: np.ndarray) -> float:
+    """How far an ONNX output is from PyTorch's: the largest absolute difference for real-valued predictions; for
+    integer ones (class ids, an argmax of ``raw``) the largest logit margin among pixels whose id differs."""
+    expected = task.predict(raw.float())
+    got = torch.from_numpy(np.asarray(output))
+    if expected.is_floating_point():
+        return float((expected - got).abs().max())
+    top2 = raw.float().topk(2, dim=1).values
+    margin = (top2[:, 0] - top2[:, 1]).reshape(expected.shape)
+    differs = expected != got
+    return float(margin[differs].max()) if differs.any() else 0.0
+
+
+def verify(model_bytes: bytes, graph: TaskOutputs, runtime: Any) -> dict[str, dict[str, float]]:
+    """Run the graph with onnxruntime at :data:`PROBES` and compare with PyTorch; fails beyond :data:`TOLERANCE`."""
+    session = runtime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(0)
+    report: dict[str, dict[str, float]] = {}
+    for batch, height, width in PROBES:
+        image = torch.randn(batch, 3, height, width, generator=generator)
+        with torch.no_grad():
+            raw = graph.network(image)["pred"]
+        outputs = session.run(None, {"image": image.numpy()})
+        key = f"{batch}x{height}x{width}"
+        report[key] = {}
+        for (name, task), output in zip(graph.tasks.items(), outputs, strict=True):
+            report[key][name] = difference = deviation(task, raw[name], output)
+            scale = max(1.0, float(task.predict(raw[name].float()).abs().max()))
+            if not difference <= TOLERANCE * scale:
+                raise UserError(f"the ONNX graph differs from PyTorch on {name} at N x H x W = {key}: "
+                                f"{difference:.3g} > {TOLERANCE * scale:.3g}; nothing written")
+    return report
+
+
+def export_onnx(loaded: LoadedModel, path: Path, description: dict[str, Any]) -> dict[str, Any]:
+    """Write ``loaded``'s ONNX graph to ``path`` (metadata: opset, tasks.json, parity); returns the metadata."""
+    onnx, runtime = _require_onnx()
+    config = loaded.config
+    network = ARCHITECTURES.lookup(config.model.arch).exported(loaded.model, config)
+    graph = TaskOutputs(network.eval(), loaded.tasks).eval()
+    proto = trace(graph, config.model.arch).model_proto
+    parity = verify(proto.SerializeToString(), graph, runtime)
+    metadata = {
+        "opset": str(OPSET),
+        "architecture": config.model.arch,
+        "exported_form": (type(network).__doc__ or type(network).__name__).strip().splitlines()[0],
+        "tasks": json.dumps(description),
+        "parity_max_abs": json.dumps(parity),
+    }
+    onnx.helper.set_model_props(proto, metadata)
+    proto.doc_string = f"densemtl {config.model.arch} model: image -> {', '.join(loaded.tasks)}"
+    with atomic_write(path) as stream:
+        stream.write(proto.SerializeToString())
+    return metadata
