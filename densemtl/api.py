@@ -28,7 +28,7 @@ def as_rgb(image: Any) -> np.ndarray:
     """A PIL image (EXIF orientation applied) or an array (H x W grey or H x W x 3/4; uint8, or float in [0, 1])
     as an H x W x 3 uint8 RGB array."""
     if isinstance(image, Image.Image):
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        return np.array(ImageOps.exif_transpose(image).convert("RGB"))
     if not isinstance(image, np.ndarray):
         raise UserError(f"predict: expected a NumPy array or a PIL image, got {type(image).__name__}")
     if image.ndim == 2:

@@ -138,5 +138,6 @@ def model_from_state(
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise UserError(f"{path}: weights do not fit the config's model ({str(err).splitlines()[0]})") from None
+        source = state.get("weights_file", path)  # an exported folder names its weights file
+        raise UserError(f"{source}: weights do not fit the config's model ({str(err).splitlines()[0]})") from None
     return LoadedModel(model.to(device).eval(), tasks, config, info, int(state.get("step", 0)))

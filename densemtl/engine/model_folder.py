@@ -1,17 +1,14 @@
 """The exported model folder (``densemtl export --format folder``): what another program needs to run a
 trained model, in files whose reading never runs code from them (no pickle).
 
-==================  ==========================================================================================
-``config.yaml``     ``name``, the ``model`` section, ``data.dataset``, ``data.tasks`` and ``data.crop_size`` (the input size
-                    the network was built for) and the methods' ``mtcp`` and ``sharing`` sections; read with
-                    ``yaml.safe_load``
-``model.safetensors``  the weights (the EMA weights when the run kept them); its metadata holds the format
-                    version, the training step and figures, and the SHA-256 of the weights, ``config.yaml``
-                    and ``tasks.json``
-``tasks.json``      per task: channels, what a prediction is and how files store it, class names and colours;
-                    the input normalisation; the dataset facts the tasks are built from
-``README.md``       the model card (:func:`model_card`), for people; not read back
-==================  ==========================================================================================
+- ``config.yaml``: ``name``, the ``model`` section, ``data.dataset``, ``data.tasks``, ``data.crop_size`` (the
+  input size the network was built for) and the methods' ``mtcp`` and ``sharing`` sections; read with
+  ``yaml.safe_load``;
+- ``model.safetensors``: the weights (the EMA weights when the run kept them); its metadata holds the format
+  version, the training step and figures, and the SHA-256 of the weights, ``config.yaml`` and ``tasks.json``;
+- ``tasks.json``: per task its channels, what a prediction is and how files store it, class names and
+  colours (:meth:`Task.describe`); the input normalisation; the dataset facts the tasks are built from;
+- ``README.md``: the model card (:func:`model_card`), for people; not read back.
 
 :func:`read_model_folder` returns a checkpoint-shaped state (``config``, ``info``, ``model``, ``step``), so
 everything that loads a checkpoint (:func:`densemtl.engine.checkpoint.load_checkpoint`) loads a folder; a
@@ -205,6 +202,7 @@ def read_model_folder(folder: str | Path) -> dict[str, Any]:
         "config": config,
         "info": info,
         "model": weights,
+        "weights_file": str(folder / WEIGHTS_FILE),
         "ema": None,
         "step": int(metadata.get("step", 0)),
         "exported": {"weights": metadata.get("weights"), "results": json.loads(metadata.get("results") or "null")},

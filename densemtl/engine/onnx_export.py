@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sysconfig
 import traceback
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ PROBES = ((1, 64, 96), (2, 45, 77))  # (N, H, W) checked with onnxruntime after 
 TOLERANCE = 1e-4  # largest difference to PyTorch allowed, relative to the output's scale when above 1
 REQUIRED = ("onnx", "onnxruntime", "onnxscript")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # densemtl/
+LIBRARY_DIRS = tuple(Path(sysconfig.get_paths()[key]).resolve() for key in ("stdlib", "purelib", "platlib"))
 
 
 class TaskOutputs(nn.Module):
@@ -96,46 +98,63 @@ def _require_onnx() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
+def _is_model_code(path: Path) -> bool:
+    """Whether a traceback file holds model code: densemtl's own (but not this module) or anything outside the
+    Python library folders (a model defined by the user)."""
+    if path == Path(__file__).resolve():
+        return False
+    return path.is_relative_to(PACKAGE_DIR) or not any(path.is_relative_to(folder) for folder in LIBRARY_DIRS)
+
+
 def _model_frame(err: BaseException) -> str | None:
-    """The innermost line of the model's code (a densemtl file other than this one) the error passed through."""
+    """The innermost line of model code the error (or an error it was raised from) passed through."""
     found = None
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         for frame in traceback.extract_tb(err.__traceback__):
             path = Path(frame.filename).resolve()
-            if path.is_relative_to(PACKAGE_DIR) and path != Path(__file__).resolve():
-                found = f"{path.relative_to(PACKAGE_DIR.parent)}:{frame.lineno} in {frame.name} (`{frame.line}`)"
+            if _is_model_code(path):
+                found = f"{path.name}:{frame.lineno} in {frame.name} (`{frame.line}`)"
         err = err.__cause__ or err.__context__
     return found
 
 
 def _module_of(program: Any, operator: str) -> str | None:
     """The model's submodule (path and class) that calls ``operator`` in a traced program."""
+    short = operator.split(".")[-1]
     nodes = program.graph.nodes if program is not None else ()
     for node in nodes:
-        if operator in str(node.target):
+        if short in str(node.target):
             stack = node.meta.get("nn_module_stack") or {}
             if stack:
                 path, kind = list(stack.values())[-1]
-                return f"{path} ({getattr(kind, '__name__', kind)})"
+                return f"{path} ({getattr(kind, '__name__', str(kind).rsplit('.', 1)[-1])})"
     return None
 
 
-_OPERATOR = re.compile(r"aten[.:]+([A-Za-z_0-9]+)")
+_OPERATOR = re.compile(r"OpOverload\(op='([\w.]+)'|torch\.ops\.(\w+\.\w+)|aten::(\w+)")
+_SUMMARY = "## Exception summary"
+
+
+def _reason(message: str) -> str:
+    """The informative line of an exporter's message (torch.onnx puts it under its exception summary)."""
+    lines = [line.strip() for line in message.split(_SUMMARY, 1)[-1].splitlines() if line.strip()]
+    line = lines[0] if lines else "unknown error"
+    return re.sub(r"^<class '[\w.]+'>: ", "", line)
 
 
 def _culprit(err: BaseException, program: Any = None) -> str:
-    """Where an export failed: the operator (and the module calling it) or the model's line, then the reason."""
-    message = str(err).strip()
-    reason = message.splitlines()[0] if message else type(err).__name__
+    """Where an export failed, then why: the model's line when tracing failed (``program`` None), else the
+    operator with no ONNX form and the module calling it."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip() or type(err).__name__
     operator = _OPERATOR.search(message)
-    if operator:
-        module = _module_of(program, operator.group(1))
-        where = f"operator aten::{operator.group(1)}" + (f" in module {module}" if module else "")
-    else:
-        where = _model_frame(err) or "the traced model"
-    return f"{where}: {reason}"
+    where = _model_frame(err) if program is None else None
+    if where is None and operator:
+        name = next(group for group in operator.groups() if group)
+        module = _module_of(program, name)
+        where = f"operator {name}" + (f" in module {module}" if module else "")
+    return f"{where or 'the traced model'}: {_reason(message)}"
 
 
 def trace(graph: TaskOutputs, arch: str) -> Any:

@@ -33,7 +33,7 @@ class DenseSharing(nn.Module):
         was_training = model.training
         model.eval()  # test-time gates
         with torch.no_grad():
-            self.weights = {task: tree_map(lambda t: t.detach().clone(), model.task_weights(task)) for task in self.tasks}
+            self.weights = {task: tree_map(torch.Tensor.clone, model.task_weights(task)) for task in self.tasks}
         model.train(was_training)
 
     def forward(self, image: torch.Tensor) -> ModelOutput:
