@@ -50,8 +50,10 @@ class Model:
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
         try:
             self.device = torch.device(device)
-        except RuntimeError as err:
-            raise UserError(f"load: device '{device}' is not a torch device ({err})") from None
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"load: device '{device}' cannot be used ({reason})") from None
         loaded = load_model(path, self.device)
         self.path = Path(path)
         self.config: Config = loaded.config

@@ -21,14 +21,18 @@ from safetensors.torch import load_file, save_file
 
 import densemtl
 from densemtl.cli import main
+from densemtl.config import load_config, to_dict
 from densemtl.constants import IMAGE_MEAN, IMAGE_STD
 from densemtl.data import build_dataset
+from densemtl.data.synthetic import synthetic_info
 from densemtl.data.transforms import normalize_image
-from densemtl.engine.checkpoint import load_checkpoint, load_model
+from densemtl.engine.checkpoint import info_to_dict, load_checkpoint, load_model, save_checkpoint
 from densemtl.engine.model_folder import weights_digest
 from densemtl.engine.run import run_training
 from densemtl.errors import UserError
-from tests.conftest import tiny_config
+from densemtl.models import build_model
+from densemtl.tasks import build_tasks
+from tests.conftest import TINY, tiny_config, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["semseg", "depth", "normals", "edge"]
@@ -218,3 +222,35 @@ def test_readme_snippet_runs(run: tuple[Path, Path], tmp_path: Path, capsys: pyt
     outputs = namespace["outputs"]
     assert set(outputs) == set(TASKS) and outputs["semseg"].shape == (61, 83)
     assert "semseg" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.arch=single", "data.tasks=[semseg,depth]"],
+    ["model.arch=mtcp", "data.tasks=[semseg,normals]", "mtcp.consistency_weight=0.1"],  # adds projectors
+    TINY + ["sharing.threshold=0.05"],
+], ids=["single", "mtcp", "sharing"])
+def test_every_architecture_round_trips_through_a_folder(tmp_path: Path, overrides: list[str]) -> None:
+    """The folder rebuilds each architecture as its checkpoint does (method settings, the sharing model's
+    position grid from the training size) and predicts through its deployed form."""
+    config = load_config(None, ["model.neck_channels=16", "model.head_channels=16", "data.synthetic.height=32",
+                                "data.synthetic.width=48", *overrides])
+    torch.manual_seed(0)
+    tasks = build_tasks(config.data.tasks, synthetic_info())
+    model = tiny_model(overrides) if config.model.arch == "sharing" else build_model(config, synthetic_info(), tasks)
+    checkpoint = save_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", {
+        "config": to_dict(config), "info": info_to_dict(synthetic_info()), "model": model.state_dict(),
+        "ema": None, "step": 3})
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "model")]) == 0
+    rgb = np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    from_folder, from_checkpoint = densemtl.load(tmp_path / "model"), densemtl.load(checkpoint)
+    assert type(from_folder.network) is type(from_checkpoint.network)
+    expected = from_checkpoint.predict(rgb)
+    for name, array in from_folder.predict(rgb).items():
+        np.testing.assert_array_equal(array, expected[name])
+    assert "No training figures" in (tmp_path / "model" / "README.md").read_text()
+
+
+def test_load_names_a_device_it_cannot_use(run: tuple[Path, Path]) -> None:
+    for device in ("bogus", "cuda:7"):
+        with pytest.raises(UserError, match=f"device '{device}'"):
+            densemtl.load(run[1], device=device)
