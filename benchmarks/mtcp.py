@@ -133,7 +133,8 @@ def compare(seeds: list[int], steps: int, root: Path, variants: list[str], extra
     for label, by_seed in runs.items():
         tasks = list(next(iter(by_seed.values())))
         primary = {t: [by_seed[s][t][TASKS[t].primary_metric] for s in seeds] for t in tasks}
-        deltas = [delta_m(by_seed[s], runs["single"][s]) for s in seeds]
+        eval_config = load_config(CONFIG, extra).eval
+        deltas = [delta_m(by_seed[s], runs["single"][s], eval_config=eval_config) for s in seeds]
         config = load_config(CONFIG, VARIANTS[label] + extra)
         cost = run_bench(config, root / "bench" / f"{label}.json", repeats=3)
         summary["variants"][label] = {

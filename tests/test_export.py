@@ -157,7 +157,7 @@ def reseal(folder: Path) -> None:
     for name in ("config.yaml", "tasks.json"):
         metadata[f"sha256.{name}"] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
     weights = load_file(folder / "model.safetensors")
-    metadata["sha256.weights"] = weights_digest(weights)
+    metadata["checksum.weights"] = weights_digest(weights)
     save_file(weights, folder / "model.safetensors", metadata=metadata)
 
 

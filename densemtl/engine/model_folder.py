@@ -5,7 +5,8 @@ trained model, in files whose reading never runs code from them (no pickle).
   input size the network was built for) and the methods' ``mtcp`` and ``sharing`` sections; read with
   ``yaml.safe_load``;
 - ``model.safetensors``: the weights (the EMA weights when the run kept them); its metadata holds the format
-  version, the training step and figures, and the SHA-256 of the weights, ``config.yaml`` and ``tasks.json``;
+  version, the training step and figures, the weights' checksum (the one checkpoints carry,
+  :func:`densemtl.engine.tensor_tree.tensors_digest`) and the SHA-256 of ``config.yaml`` and ``tasks.json``;
 - ``tasks.json``: per task its channels, what a prediction is and how files store it, class names and
   colours (:meth:`Task.describe`); the input normalisation; the dataset facts the tasks are built from;
 - ``README.md``: the model card (:func:`model_card`), for people; not read back.
@@ -29,6 +30,7 @@ from densemtl.atomic import atomic_write
 from densemtl.config import Config, from_dict, to_dict
 from densemtl.constants import IMAGE_MEAN, IMAGE_STD
 from densemtl.dataset_info import DatasetInfo
+from densemtl.engine.tensor_tree import tensors_digest
 from densemtl.errors import UserError
 from densemtl.tasks import Task
 
@@ -38,7 +40,6 @@ TASKS_FILE = "tasks.json"
 CARD_FILE = "README.md"
 FORMAT = "densemtl-model"
 FORMAT_VERSION = "1"
-CHECKED_FILES = (CONFIG_FILE, TASKS_FILE)  # their SHA-256 is in the weights file's metadata
 METHOD_SECTIONS = ("mtcp", "sharing")  # settings that shape an architecture's network
 
 INPUT = {
@@ -79,13 +80,8 @@ def _sha256(data: bytes) -> str:
 
 
 def weights_digest(weights: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the tensors' names, dtypes, shapes and bytes in name order (independent of the file layout)."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        tensor = weights[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """The weights' checksum in name order (independent of the order safetensors stores them in)."""
+    return tensors_digest({name: weights[name] for name in sorted(weights)})
 
 
 def write_model_folder(
@@ -110,7 +106,7 @@ def write_model_folder(
         "step": str(int(training["step"])),
         "weights": str(training["weights"]),
         "results": json.dumps(training.get("results")),
-        "sha256.weights": weights_digest(tensors),
+        "checksum.weights": weights_digest(tensors),
         **{f"sha256.{name}": _sha256(data) for name, data in files.items()},
     }
     files[WEIGHTS_FILE] = save(tensors, metadata=metadata)
@@ -145,8 +141,8 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if metadata.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path}: format version {metadata.get('format_version')!r}, this densemtl reads "
                         f"{FORMAT_VERSION}; export the model again with this version")
-    if weights_digest(weights) != metadata.get("sha256.weights"):
-        raise UserError(f"{path}: the weights changed since export (SHA-256 differs from the one recorded)")
+    if weights_digest(weights) != metadata.get("checksum.weights"):
+        raise UserError(f"{path}: the weights changed since export (their checksum differs from the one recorded)")
     return weights, metadata
 
 
@@ -171,16 +167,6 @@ def _parse(path: Path, text: str, parser: Any) -> Any:
         raise UserError(f"{path}: cannot be parsed ({reason})") from None
 
 
-def _dataset_info(path: Path, description: Any) -> dict[str, Any]:
-    """The dataset facts of ``tasks.json``, checked to build a :class:`DatasetInfo`."""
-    try:
-        data = description["dataset"]
-        DatasetInfo(**{**data, "tasks": tuple(data["tasks"])})
-    except (KeyError, TypeError) as err:
-        raise UserError(f"{path}: no valid 'dataset' entry ({type(err).__name__}: {err})") from None
-    return data
-
-
 def read_model_folder(folder: str | Path) -> dict[str, Any]:
     """A checkpoint-shaped state (``config``, ``info``, ``model``, ``ema`` None, ``step``; ``exported``: what the
     export recorded) read from an exported folder: safetensors, ``yaml.safe_load`` and JSON only, each file checked."""
@@ -192,17 +178,19 @@ def read_model_folder(folder: str | Path) -> dict[str, Any]:
     config = _parse(config_path, _checked_text(folder, CONFIG_FILE, metadata), yaml.safe_load)
     if not isinstance(config, dict):
         raise UserError(f"{config_path}: expected a mapping of config sections")
-    from_dict(config, source=str(config_path))  # a bad value fails here, naming the file
+    tasks = list(from_dict(config, source=str(config_path)).data.tasks)  # a bad value fails here, naming the file
     description = _parse(tasks_path, _checked_text(folder, TASKS_FILE, metadata), json.loads)
-    info = _dataset_info(tasks_path, description)
+    info = description.get("dataset") if isinstance(description, dict) else None
+    if not isinstance(info, dict):
+        raise UserError(f"{tasks_path}: no 'dataset' entry (the dataset facts the tasks are built from)")
     names = [entry.get("name") for entry in description.get("tasks", []) if isinstance(entry, dict)]
-    if names != config["data"]["tasks"]:
-        raise UserError(f"{tasks_path}: tasks {names} differ from {config_path}'s data.tasks {config['data']['tasks']}")
+    if names != tasks:
+        raise UserError(f"{tasks_path}: tasks {names} differ from {config_path}'s data.tasks {tasks}")
     return {
         "config": config,
-        "info": info,
+        "info": info,  # checked as it is used (densemtl.engine.checkpoint.info_from_dict), naming tasks.json
         "model": weights,
-        "weights_file": str(folder / WEIGHTS_FILE),
+        "files": {"info": str(tasks_path), "model": str(folder / WEIGHTS_FILE)},
         "ema": None,
         "step": int(metadata.get("step", 0)),
         "exported": {"weights": metadata.get("weights"), "results": json.loads(metadata.get("results") or "null")},

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import linecache
 import re
 import sysconfig
 import traceback
@@ -107,15 +108,18 @@ def _is_model_code(path: Path) -> bool:
 
 
 def _model_frame(err: BaseException) -> str | None:
-    """The innermost line of model code the error (or an error it was raised from) passed through."""
+    """The innermost line of model code the error (or an error it was raised from) passed through, with the
+    function (``Module.forward`` for a module's) that holds it."""
     found = None
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        for frame in traceback.extract_tb(err.__traceback__):
-            path = Path(frame.filename).resolve()
+        for frame, line in traceback.walk_tb(err.__traceback__):
+            code = frame.f_code
+            path = Path(code.co_filename).resolve()
             if _is_model_code(path):
-                found = f"{path.name}:{frame.lineno} in {frame.name} (`{frame.line}`)"
+                text = linecache.getline(code.co_filename, line).strip()
+                found = f"{path.name}:{line} in {getattr(code, 'co_qualname', code.co_name)} (`{text}`)"
         err = err.__cause__ or err.__context__
     return found
 
