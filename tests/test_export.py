@@ -224,14 +224,8 @@ def test_readme_snippet_runs(run: tuple[Path, Path], tmp_path: Path, capsys: pyt
     assert "semseg" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.arch=single", "data.tasks=[semseg,depth]"],
-    ["model.arch=mtcp", "data.tasks=[semseg,normals]", "mtcp.consistency_weight=0.1"],  # adds projectors
-    TINY + ["sharing.threshold=0.05"],
-], ids=["single", "mtcp", "sharing"])
-def test_every_architecture_round_trips_through_a_folder(tmp_path: Path, overrides: list[str]) -> None:
-    """The folder rebuilds each architecture as its checkpoint does (method settings, the sharing model's
-    position grid from the training size) and predicts through its deployed form."""
+def export_untrained(tmp_path: Path, overrides: list[str]) -> Path:
+    """A checkpoint of the architecture ``overrides`` choose (random weights), exported to ``tmp_path/model``."""
     config = load_config(None, ["model.neck_channels=16", "model.head_channels=16", "data.synthetic.height=32",
                                 "data.synthetic.width=48", *overrides])
     torch.manual_seed(0)
@@ -241,6 +235,18 @@ def test_every_architecture_round_trips_through_a_folder(tmp_path: Path, overrid
         "config": to_dict(config), "info": info_to_dict(synthetic_info()), "model": model.state_dict(),
         "ema": None, "step": 3})
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "model")]) == 0
+    return checkpoint
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.arch=single", "data.tasks=[semseg,depth]"],
+    ["model.arch=mtcp", "data.tasks=[semseg,normals]", "mtcp.consistency_weight=0.1"],  # adds projectors
+    TINY + ["sharing.threshold=0.05"],
+], ids=["single", "mtcp", "sharing"])
+def test_every_architecture_round_trips_through_a_folder(tmp_path: Path, overrides: list[str]) -> None:
+    """The folder rebuilds each architecture as its checkpoint does (method settings, the sharing model's
+    position grid from the training size) and predicts through its deployed form."""
+    checkpoint = export_untrained(tmp_path, overrides)
     rgb = np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     from_folder, from_checkpoint = densemtl.load(tmp_path / "model"), densemtl.load(checkpoint)
     assert type(from_folder.network) is type(from_checkpoint.network)
@@ -248,6 +254,26 @@ def test_every_architecture_round_trips_through_a_folder(tmp_path: Path, overrid
     for name, array in from_folder.predict(rgb).items():
         np.testing.assert_array_equal(array, expected[name])
     assert "No training figures" in (tmp_path / "model" / "README.md").read_text()
+
+
+def test_predict_video_takes_a_sharing_folder(tmp_path: Path) -> None:
+    """``predict --video`` (frame-to-frame reuse, the sharing model's settings) writes from the folder what it
+    writes from the checkpoint."""
+    checkpoint = export_untrained(tmp_path, [*TINY, "sharing.threshold=0.05", "sharing.temporal_threshold=0.1"])
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rgb = np.random.default_rng(3).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    for index in range(3):  # a slowly changing scene, so that later frames reuse tokens
+        Image.fromarray(np.roll(rgb, index, axis=1)).save(frames / f"{index:03d}.png")
+    for source, out in ((checkpoint, "by_checkpoint"), (tmp_path / "model", "by_folder")):
+        assert main(["predict", "--checkpoint", str(source), str(frames), "--out", str(tmp_path / out), "--video"]) == 0
+    written = sorted(p.relative_to(tmp_path / "by_folder") for p in (tmp_path / "by_folder").rglob("*.*")
+                     if p.name != "video_report.json")
+    assert len(written) == 9
+    for name in written:
+        assert (tmp_path / "by_folder" / name).read_bytes() == (tmp_path / "by_checkpoint" / name).read_bytes(), name
+    report = json.loads((tmp_path / "by_folder" / "video_report.json").read_text())
+    assert report["temporal_threshold"] == 0.1 and report["frames"] == 3
 
 
 def test_load_names_a_device_it_cannot_use(run: tuple[Path, Path]) -> None:
