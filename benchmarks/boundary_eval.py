@@ -20,7 +20,9 @@ installed: the BSDS kernel's time per threshold and both matchers' ODS/OIS/AP si
 images of 480 x 640 (sizes must be multiples of 16) with semseg, depth (16-bit PNG), normals and edges,
 and imperfect predictions of all four tasks (edges: ``--split-clutter`` maps), then times ``densemtl evaluate
 --predictions`` on it with ``--workers`` processes: wall seconds, and CPU seconds of this process and its
-workers together.
+workers together (and per image). ``--split-stages N`` first times N of its frames stage by stage in this
+process (median CPU seconds per image: reading the ground truth and the predictions, each metric update,
+and the boundary update's map, thinning and matching): where the time goes.
 
     python benchmarks/boundary_eval.py --out runs/bench/boundary_eval.json
     python benchmarks/boundary_eval.py --images 0 --split runs/bench/nyud_split --workers 2
@@ -30,16 +32,20 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import resource
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
 
+from densemtl.config import DataConfig, EvalConfig
 from densemtl.jsonio import write_json
 from densemtl.metrics.boundary import BoundaryMetric
 from densemtl.metrics.boundary_match import bsds_counts, exact_counts
@@ -247,9 +253,56 @@ def time_split(root: Path, workers: int | None, protocol: str) -> dict:
         end.ru_utime + end.ru_stime - begin.ru_utime - begin.ru_stime
         for begin, end in ((own, own_end), (children, children_end))
     )
-    report = {"workers": workers or available_cores(), "edge_protocol": protocol, "wall_s": wall, "cpu_s": cpu,
-              "results": results}
-    print(f"split: {report['workers']} workers, {protocol}: {wall:.1f} s wall, {cpu:.1f} s CPU")
+    images = len((root / "gt_sets" / "val.txt").read_text().split())
+    report = {"workers": workers or available_cores(), "edge_protocol": protocol, "images": images, "wall_s": wall,
+              "cpu_s": cpu, "cpu_s_per_image": cpu / images, "load_average": os.getloadavg(), "results": results}
+    print(f"split: {report['workers']} workers, {protocol}: {wall:.1f} s wall, {cpu:.1f} s CPU "
+          f"({cpu / images:.3f} s per image; load average {report['load_average'][0]:.1f})")
+    return report
+
+
+def split_stages(root: Path, protocol: str, images: int) -> dict:
+    """Median CPU seconds per image of each stage of scoring the first ``images`` frames of ``root`` in this
+    process: the whole image as ``evaluate --predictions`` scores it, then reading the ground truth, reading
+    the predictions, each task's metric update, and the boundary update's map, thinning and matching."""
+    from densemtl.data import build_dataset
+    from densemtl.engine.evaluate import ScoredImages, build_metrics
+    from densemtl.tasks import build_tasks
+
+    names = ["semseg", "depth", "normals", "edge"]
+    dataset = build_dataset(DataConfig(dataset="nyud", root=str(root), tasks=names), "val", train=False)
+    tasks = build_tasks(names, dataset.info)
+    eval_config = EvalConfig(edge_protocol=protocol)
+    scored = ScoredImages(dataset, root / "pred", tasks, dataset.info, eval_config)
+    metrics = build_metrics(tasks, dataset.info, eval_config)
+    chosen = EDGE_PROTOCOLS[protocol]
+    stages: dict[str, list[float]] = {}
+
+    def timed(stage: str, run: Callable[..., Any], *args: Any) -> Any:
+        start = time.process_time()
+        value = run(*args)
+        stages.setdefault(stage, []).append(time.process_time() - start)
+        return value
+
+    def read_predictions(name: str) -> dict[str, torch.Tensor]:
+        return {key: task.load(task.find_file(root / "pred" / key, name)) for key, task in tasks.items()}
+
+    scored[0]  # imports and metric construction, outside the figures
+    for index in range(min(images, len(dataset))):
+        timed("whole_image", scored.__getitem__, index)
+        sample = timed("ground_truth", dataset.targets, index)
+        preds = timed("predictions", read_predictions, sample["meta"]["name"])
+        for name, metric in metrics.items():
+            metric.reset()
+            timed(f"update_{name}", metric.update, preds[name][None], sample[name][None])
+        soft, gt = preds["edge"][0].double().numpy(), sample["edge"][0].numpy() > 0.5
+        values = timed("edge_map", chosen.values, soft)
+        levels = timed("edge_thinning", thinned_levels, values, np.array(chosen.thresholds), chosen.strict)
+        timed("edge_matching", exact_counts, levels, gt, dataset.info.boundary_max_dist * float(np.hypot(*gt.shape)))
+    report = {"images": len(stages["whole_image"]), "edge_protocol": protocol,
+              "cpu_s_per_image_median": {stage: float(np.median(times)) for stage, times in stages.items()}}
+    print(f"split stages ({report['images']} images, {protocol}), median CPU s per image: " + "  ".join(
+        f"{stage}={value:.4f}" for stage, value in report["cpu_s_per_image_median"].items()))
     return report
 
 
@@ -270,6 +323,8 @@ def main() -> None:
                         help="noise amplitude of the split's edge predictions (0.02: maps like the issue's blurred, "
                         "noisy ones, seconds per image for the former pure-Python matcher)")
     parser.add_argument("--workers", type=int, default=None, help="--split scoring processes (default: the cores)")
+    parser.add_argument("--split-stages", type=int, default=20,
+                        help="--split frames timed stage by stage in this process (0: none)")
     parser.add_argument("--edge-protocol", default="seism-hed", choices=list(EDGE_PROTOCOLS))
     parser.add_argument("--out", default="runs/bench/boundary_eval.json")
     args = parser.parse_args()
@@ -305,6 +360,8 @@ def main() -> None:
 
         write_split(args.split, args.split_images, tuple(args.size), args.split_clutter,
                     args.workers or available_cores())
+        if args.split_stages > 0:
+            report["split_stages"] = split_stages(args.split, args.edge_protocol, args.split_stages)
         report["split"] = time_split(args.split, args.workers, args.edge_protocol)
     print(f"wrote {write_json(report, args.out)}")
 

@@ -434,8 +434,9 @@ def encode_normals(normals: np.ndarray) -> np.ndarray:
 
 def decode_normals(rgb: np.ndarray) -> np.ndarray:
     """H x W x 3 uint8 -> 3 x H x W with ``2 v / 255 - 1``; all-zero pixels decode to the zero vector."""
-    normals = rgb.astype(np.float32).transpose(2, 0, 1) * (2.0 / 255.0) - 1.0
-    normals[:, rgb.sum(axis=2) == 0] = 0.0
+    channels = np.ascontiguousarray(rgb.transpose(2, 0, 1))  # contiguous 3 x H x W, so no later step copies
+    normals = channels.astype(np.float32) * (2.0 / 255.0) - 1.0
+    normals[:, (channels[0] == 0) & (channels[1] == 0) & (channels[2] == 0)] = 0.0
     return normals
 
 

@@ -139,6 +139,21 @@ def test_incremental_equals_separate_matchings_on_non_nested_sets() -> None:
         assert exact_counts(sets, gt, radius).tolist() == [_reference_matching(s, gt, radius) for s in sets]
 
 
+@pytest.mark.parametrize("radius", [0.0, 1.0, 2.0, 5.0, 8.8])
+def test_pairs_exactly_at_the_tolerance_and_at_the_image_border_count(radius: float) -> None:
+    """Integer radii put pairs exactly on the disk's rim; predictions hug the border, where the disk leaves
+    the image (the kernel walks each row of the disk from one predicted pixel to the next)."""
+    rng = np.random.default_rng(int(radius * 10))
+    for _ in range(6):
+        height, width = rng.integers(3, 30, size=2)
+        gt = rng.random((height, width)) < 0.15
+        border = np.zeros((height, width), dtype=bool)
+        border[[0, -1], :] = border[:, [0, -1]] = True
+        sets = [np.flatnonzero((rng.random(gt.shape) < p) | (border & (rng.random(gt.shape) < 0.5)))
+                for p in (0.02, 0.1, 0.3)]
+        assert exact_counts(sets, gt, radius).tolist() == [_reference_matching(s, gt, radius) for s in sets]
+
+
 @pytest.mark.parametrize("protocol", sorted(EDGE_PROTOCOLS))
 def test_incremental_equals_separate_matchings_on_thinned_thresholds(protocol: str) -> None:
     soft, gt = _scene(2)

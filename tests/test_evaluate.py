@@ -150,6 +150,32 @@ def test_saved_predictions_round_trip_on_nyud_layouts(tmp_path: Path, layout: st
     assert len(written["per_class"]["semseg"]) == 40
 
 
+@pytest.mark.parametrize("layout", NYUD_LAYOUTS)
+def test_scoring_reads_the_targets_without_decoding_the_photos(
+    tmp_path: Path, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``targets`` (what scoring saved predictions reads) equals a full sample without its image, and never
+    decodes a photo; the photo's size still checks the targets."""
+    write_nyud(tmp_path / "nyud", layout=layout, splits={"train": 1, "val": 2})
+    dataset = build_dataset(DataConfig(dataset="nyud", root=str(tmp_path / "nyud"), tasks=TASKS), "val", train=False)
+    samples = [dataset[index] for index in range(len(dataset))]
+
+    def no_decoding(path: Path) -> np.ndarray:
+        raise AssertionError(f"{path} decoded")
+
+    monkeypatch.setattr("densemtl.data.files.read_rgb", no_decoding)
+    for index, sample in enumerate(samples):
+        targets = dataset.targets(index)
+        assert set(targets) == set(sample) - {"image"}
+        assert targets["meta"] == sample["meta"]
+        for name in TASKS:
+            assert torch.equal(targets[name], sample[name]), name
+    image = dataset.files[1]["image"]
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image, format="PNG" if image.suffix == ".png" else "JPEG")
+    with pytest.raises(DataError, match=r"target is 24x32, the image .* is 8x8"):
+        dataset.targets(1)
+
+
 def test_saved_predictions_round_trip_on_pascal(tmp_path: Path) -> None:
     write_pascal(tmp_path / "pascal", splits={"train": 1, "val": 2})
     names = ["semseg", "human_parts", "saliency", "normals", "edge"]

@@ -104,6 +104,56 @@ def test_normals_median_matches_numpy() -> None:
     assert metric.compute()["mean"] == pytest.approx(angles.mean(), abs=1e-4)
 
 
+def _float64_depth_counts(pred: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+    """The depth counts as first written: everything converted to float64, then masked."""
+    pred, target = pred.astype(np.float64).ravel(), target.astype(np.float64).ravel()
+    valid = (target > 0) & np.isfinite(target)
+    pred, target = np.maximum(pred[valid], 1e-9), target[valid]
+    ratio = np.maximum(pred / target, target / pred)
+    errors = [np.sum((pred - target) ** 2), np.sum(np.abs(pred - target) / target),
+              np.sum(np.abs(np.log10(pred) - np.log10(target)))]
+    return {"pixels": np.array(pred.size), "errors": np.array(errors),
+            "within": np.array([np.count_nonzero(ratio < 1.25**k) for k in (1, 2, 3)])}
+
+
+def _float64_normals_counts(pred: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+    """The normals counts as first written: float64 maps, invalid pixels dropped, einsum dot products."""
+    pred = np.moveaxis(pred.astype(np.float64), 1, 0).reshape(3, -1)
+    target = np.moveaxis(target.astype(np.float64), 1, 0).reshape(3, -1)
+    valid = (target != 0).any(axis=0)
+    pred, target = pred[:, valid], target[:, valid]
+    pred_norm = np.maximum(np.sqrt(np.einsum("cn,cn->n", pred, pred)), 1e-12)
+    cosine = np.einsum("cn,cn->n", pred, target) / (pred_norm * np.sqrt(np.einsum("cn,cn->n", target, target)))
+    angles = np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+    return {"sums": np.array([angles.sum(), np.square(angles).sum()]),
+            "within": np.array([np.count_nonzero(angles < t) for t in (11.25, 22.5, 30.0)]),
+            "histogram": np.bincount(np.minimum((angles / 0.01).astype(np.int64), 17999), minlength=18000)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_depth_and_normals_counts_equal_the_float64_formulas_exactly(dtype: torch.dtype) -> None:
+    """Masking before the float64 conversion (the faster path) changes no bit of any count."""
+    rng = np.random.default_rng(3)
+    depth = rng.uniform(0.5, 9.0, size=(2, 1, 30, 40))
+    depth[rng.random(depth.shape) < 0.2] = 0  # no measurement
+    depth[0, 0, 0, :3] = np.nan
+    depth_pred = depth * rng.uniform(0.7, 1.4, size=depth.shape) - (rng.random(depth.shape) < 0.05)  # a few < 0
+    depth_pred[0, 0, 0, :3] = 1.0
+    normals = rng.normal(size=(2, 3, 30, 40))
+    normals[:, :, rng.random((30, 40)) < 0.3] = 0  # invalid pixels
+    normals_pred = normals + rng.normal(scale=0.3, size=normals.shape)
+    for metric, pred, target, reference in (
+        (DepthMetric(), depth_pred, depth, _float64_depth_counts),
+        (NormalsMetric(), normals_pred, normals, _float64_normals_counts),
+    ):
+        pred, target = torch.from_numpy(pred).to(dtype), torch.from_numpy(target).to(dtype)
+        metric.update(pred, target)
+        expected = reference(pred.numpy(), target.numpy())
+        assert set(metric.counts) == set(expected)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(metric.counts[key].numpy(), value, err_msg=f"{type(metric).__name__} {key}")
+
+
 def test_saliency_hand_computed() -> None:
     metric = SaliencyMetric(thresholds=19)
     pred = torch.tensor([0.92, 0.62, 0.32, 0.12, 0.99]).reshape(1, 1, 1, 5)

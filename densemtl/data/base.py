@@ -59,6 +59,14 @@ class DenseDataset(Dataset):
             return [("data.root", f"dataset '{cls.dataset_name}' needs the folder holding it")]
         return []
 
+    def targets(self, index: int) -> dict[str, Any]:
+        """Sample ``index`` without its image: the targets and ``meta`` (what scoring saved predictions needs).
+
+        Datasets that can skip decoding and normalising the photo override it."""
+        sample = dict(self[index])
+        del sample["image"]
+        return sample
+
     @classmethod
     def check_tasks(cls, tasks: Iterable[str]) -> tuple[str, ...]:
         """``tasks`` as a tuple, or a DataError naming those it has no labels for."""

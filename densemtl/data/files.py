@@ -22,7 +22,7 @@ from PIL import Image
 
 from densemtl.config import DataConfig
 from densemtl.data.base import DenseDataset
-from densemtl.data.transforms import build_transform
+from densemtl.data.transforms import build_transform, to_tensor_targets
 from densemtl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,16 @@ def read_rgb(path: Path) -> np.ndarray:
             return np.array(image.convert("RGB"))
     except _DECODE_ERRORS as err:
         raise DataError(f"{path}: cannot read image ({err})") from None
+
+
+def read_image_size(path: Path) -> tuple[int, int]:
+    """A picture's ``(H, W)`` from its header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except _DECODE_ERRORS as err:
+        raise DataError(f"{path}: cannot read image ({err})") from None
+    return height, width
 
 
 def read_npy(path: Path) -> np.ndarray:
@@ -238,19 +248,31 @@ class FolderDataset(DenseDataset):
     def load_raw(self, index: int) -> dict[str, Any]:
         """Sample ``index`` decoded but not transformed (the raw format of :mod:`densemtl.data.transforms`);
         an evaluation dataset (``train=False``) holds the evaluation targets."""
+        image = read_rgb(self.files[index]["image"])
+        return {"image": image, **self._read_targets(index, image.shape[:2])}
+
+    def _read_targets(self, index: int, size: tuple[int, int]) -> dict[str, Any]:
+        """Sample ``index``'s decoded targets (evaluation targets unless ``train``) and ``meta``."""
         files = self.files[index]
-        image = read_rgb(files["image"])
         cache: dict[str, Any] = {}
-        raw: dict[str, Any] = {"image": image}
+        raw: dict[str, Any] = {}
         for task in self.tasks:
             if not self.needs[task] <= files.keys():
                 raw[task] = None  # partial labels: this sample lacks the task's file
                 continue
-            raw[task] = self.read_task(task, files, image.shape[:2], cache)
+            raw[task] = self.read_task(task, files, size, cache)
             if not self.train and task in self.evaluation_targets:
                 raw[task] = self.evaluation_targets[task](raw[task], cache)
         raw["meta"] = {"name": self.names[index]}
         return raw
+
+    def targets(self, index: int) -> dict[str, Any]:
+        """An evaluation sample's targets and ``meta``; the photo's size is read from its header (never
+        decoded). A training dataset (augmented) goes through :meth:`__getitem__`."""
+        if self.train:
+            return super().targets(index)
+        size = read_image_size(self.files[index]["image"])
+        return to_tensor_targets(self._read_targets(index, size), size)
 
     def __len__(self) -> int:
         return len(self.names)

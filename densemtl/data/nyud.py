@@ -91,10 +91,8 @@ def read_normals(path: Path) -> np.ndarray:
         normals = read_npy(path).astype(np.float32)
         if normals.ndim != 3 or normals.shape[-1] != 3:
             raise DataError(f"{path}: expected an H x W x 3 normals array, got shape {normals.shape}")
-        normals = normals.transpose(2, 0, 1)
-    else:
-        normals = NormalsTask().load(path).numpy()
-    return np.where(np.isfinite(normals), normals, 0).astype(np.float32)
+        return np.where(np.isfinite(normals), normals, 0).transpose(2, 0, 1)
+    return NormalsTask().load(path).numpy()  # decoded from 8 bits: always finite
 
 
 def read_edge(path: Path) -> np.ndarray:

@@ -69,12 +69,10 @@ def _task(key: str) -> type[Task]:
     return TASKS[key]
 
 
-def to_tensor_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
-    """A raw sample (see the module docstring) -> the contract format, without augmentation."""
-    if "image" not in sample:
-        raise DataError(f"sample {sample.get('meta', {}).get('name', '?')!r} has no 'image'")
-    out: dict[str, Any] = {"image": normalize_image(sample["image"])}
-    size = tuple(out["image"].shape[-2:])
+def to_tensor_targets(sample: Mapping[str, Any], size: tuple[int, int]) -> dict[str, Any]:
+    """The targets and ``meta`` of a raw sample in the contract format, each checked to be ``size`` (H, W);
+    an ``image`` entry is left out, a missing target (None) becomes its task's empty target."""
+    out: dict[str, Any] = {}
     missing = [key for key, value in sample.items() if value is None]
     for key, value in sample.items():
         if key in ("image", "meta"):
@@ -89,6 +87,14 @@ def to_tensor_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
         meta["missing"] = tuple(missing)
     out["meta"] = meta
     return out
+
+
+def to_tensor_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """A raw sample (see the module docstring) -> the contract format, without augmentation."""
+    if "image" not in sample:
+        raise DataError(f"sample {sample.get('meta', {}).get('name', '?')!r} has no 'image'")
+    image = normalize_image(sample["image"])
+    return {"image": image, **to_tensor_targets(sample, tuple(image.shape[-2:]))}
 
 
 def _fill_values(tasks_fill: Mapping[str, float] | None) -> dict[str, float]:

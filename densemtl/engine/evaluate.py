@@ -29,7 +29,7 @@ from densemtl.config import (
     SyntheticConfig,
     to_dict,
 )
-from densemtl.data.base import collate, labelled_mask
+from densemtl.data.base import DenseDataset, collate, labelled_mask
 from densemtl.data.transforms import pad_to
 from densemtl.dataset_info import DatasetInfo
 from densemtl.engine import distributed
@@ -315,7 +315,12 @@ class ScoredImages(Dataset):
     """
 
     def __init__(
-        self, ground_truth: Dataset, pred_dir: Path, tasks: dict[str, Task], info: DatasetInfo, eval_config: EvalConfig
+        self,
+        ground_truth: DenseDataset,
+        pred_dir: Path,
+        tasks: dict[str, Task],
+        info: DatasetInfo,
+        eval_config: EvalConfig,
     ) -> None:
         self.ground_truth = ground_truth
         self.pred_dir = pred_dir
@@ -331,7 +336,7 @@ class ScoredImages(Dataset):
         if self.metrics is None:
             self.metrics = build_metrics(self.tasks, self.info, self.eval_config)
         try:
-            sample = self.ground_truth[index]
+            sample = self.ground_truth.targets(index)
         except DataError as err:
             return {"counts": {}, "problems": [], "fatal": str(err)}
         counts: dict[str, dict[str, torch.Tensor]] = {}

@@ -169,19 +169,35 @@ static int conv_tri(const float *image, float *out, int h, int w, int r) {
 /* numpy.gradient of a row-major map along x (axis 1) or y (axis 0): central differences, one-sided at the
  * ends. */
 static void gradient(const float *in, float *out, int h, int w, int along_x) {
+    if (along_x) {
+        for (int y = 0; y < h; y++) {
+            const float *row = in + (Py_ssize_t)y * w;
+            float *o = out + (Py_ssize_t)y * w;
+            if (w < 2) {
+                o[0] = 0;
+                continue;
+            }
+            o[0] = row[1] - row[0];
+            for (int x = 1; x < w - 1; x++) {
+                o[x] = (row[x + 1] - row[x - 1]) / 2.0f;
+            }
+            o[w - 1] = row[w - 1] - row[w - 2];
+        }
+        return;
+    }
     for (int y = 0; y < h; y++) {
-        for (int x = 0; x < w; x++) {
-            Py_ssize_t i = (Py_ssize_t)y * w + x;
-            int pos = along_x ? x : y, n = along_x ? w : h;
-            Py_ssize_t step = along_x ? 1 : w;
-            if (n < 2) {
-                out[i] = 0;
-            } else if (pos == 0) {
-                out[i] = in[i + step] - in[i];
-            } else if (pos == n - 1) {
-                out[i] = in[i] - in[i - step];
-            } else {
-                out[i] = (in[i + step] - in[i - step]) / 2.0f;
+        const float *row = in + (Py_ssize_t)y * w;
+        const float *up = y > 0 ? row - w : row, *down = y < h - 1 ? row + w : row;
+        float *o = out + (Py_ssize_t)y * w;
+        if (h < 2) {
+            memset(o, 0, (size_t)w * sizeof(float));
+        } else if (y == 0 || y == h - 1) {
+            for (int x = 0; x < w; x++) {
+                o[x] = down[x] - up[x];
+            }
+        } else {
+            for (int x = 0; x < w; x++) {
+                o[x] = (down[x] - up[x]) / 2.0f;
             }
         }
     }
@@ -533,12 +549,12 @@ done:
  *  - the pixels that join are searched (breadth-first, so augmenting paths are shortest).
  * At the end of each set no free left vertex has an augmenting path: the matching is maximum (Berge). The
  * argument in full is in densemtl/metrics/boundary_match.py. */
-#define DEAD (-1)
+#define DEAD INT32_MAX /* above every search stamp, so one comparison skips dead and already reached vertices */
 
-/* A right vertex: its mate (-1 when free) and its mark: DEAD, or the stamp of the last search that reached
- * it (kept side by side: a search reads both). */
+/* A right vertex: its mate (-1 when free), its mark (DEAD, or the stamp of the last search that reached it)
+ * and the left vertex that search reached it from (side by side: a search reads and writes them together). */
 typedef struct {
-    int32_t mate, mark;
+    int32_t mate, mark, parent;
 } Right;
 
 typedef struct {
@@ -549,40 +565,41 @@ typedef struct {
     unsigned char *active;
     int32_t stamp;
     int64_t size;
-    /* search space: a queue of left vertices, the left vertex each right vertex was reached from, the right
-     * vertices reached */
-    int32_t *queue, *parent, *visited;
+    /* search space: a queue of left vertices, the right vertices reached */
+    int32_t *queue, *visited;
 } Matching;
 
 /* Breadth-first search for a shortest augmenting path from the free left vertex `start`; flips it when
  * found. On failure every right vertex it reached becomes dead. */
 static int augment(Matching *g, int32_t start) {
-    int32_t stamp = ++g->stamp, *queue = g->queue, *parent = g->parent;
+    int32_t stamp = ++g->stamp, *queue = g->queue;
+    Right *rights = g->right;
     Py_ssize_t head = 0, tail = 0, visited = 0;
     queue[tail++] = start;
     while (head < tail) {
         int32_t left = queue[head++];
-        for (int64_t e = g->left_ptr[left]; e < g->left_ptr[left + 1]; e++) {
-            int32_t right = g->left_adj[e];
-            Right *state = g->right + right;
+        const int32_t *adj = g->left_adj + g->left_ptr[left], *end = g->left_adj + g->left_ptr[left + 1];
+        for (; adj < end; adj++) {
+            Right *state = rights + *adj;
+            if (state->mark >= stamp) { /* dead, or reached by this search already */
+                continue;
+            }
             if (state->mate < 0) { /* free: flip the path back to `start` */
+                int32_t right = *adj;
                 for (;;) {
                     int32_t before = g->mate_left[left];
                     g->mate_left[left] = right;
-                    g->right[right].mate = left;
+                    rights[right].mate = left;
                     if (left == start) {
                         return 1;
                     }
                     right = before;
-                    left = parent[before];
+                    left = rights[before].parent;
                 }
             }
-            if (state->mark == DEAD || state->mark == stamp) {
-                continue;
-            }
             state->mark = stamp;
-            parent[right] = left;
-            g->visited[visited++] = right;
+            state->parent = left;
+            g->visited[visited++] = *adj;
             queue[tail++] = state->mate;
         }
     }
@@ -602,7 +619,9 @@ static PyObject *py_match_levels(PyObject *self, PyObject *args) {
     Buffer pixels_buf = {.held = 0}, offsets_buf = {.held = 0}, gt_buf = {.held = 0};
     PyObject *result = NULL;
     int32_t *union_id = NULL, *left_of = NULL, *left_adj = NULL, *right_of = NULL, *work = NULL;
-    int64_t *left_ptr = NULL, *next = NULL, *sizes = NULL, *disk = NULL, *run_end = NULL;
+    int64_t *left_ptr = NULL, *next = NULL, *sizes = NULL, *run_end = NULL;
+    int32_t *ahead = NULL;
+    int *half = NULL;
     unsigned char *flags = NULL;
     Right *rights = NULL;
     if (get_buffer(pixels_obj, &pixels_buf, 'i', 8, 0, "pixels") < 0 ||
@@ -649,20 +668,24 @@ static PyObject *py_match_levels(PyObject *self, PyObject *args) {
      * then read without bounds checks), and the left id of every listed pixel. */
     int reach = (int)floor(radius);
     int64_t stride = w + 2 * (int64_t)reach, padded_area = (h + 2 * (int64_t)reach) * stride;
-    Py_ssize_t num_offsets = 0;
+    if (padded_area >= INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "match_levels: image too large for its tolerance");
+        goto done;
+    }
     union_id = malloc((size_t)padded_area * sizeof(int32_t));
+    ahead = malloc(((size_t)padded_area + 1) * sizeof(int32_t));
     left_of = malloc((size_t)num_pixels * sizeof(int32_t));
-    disk = malloc((size_t)(2 * reach + 1) * (2 * reach + 1) * sizeof(int64_t));
-    if (!union_id || !left_of || !disk) {
+    half = malloc((size_t)(2 * reach + 1) * sizeof(int));
+    if (!union_id || !ahead || !left_of || !half) {
         PyErr_NoMemory();
         goto done;
     }
-    for (int dy = -reach; dy <= reach; dy++) {
-        for (int dx = -reach; dx <= reach; dx++) {
-            if ((double)(dy * dy + dx * dx) <= radius * radius) {
-                disk[num_offsets++] = dy * stride + dx;
-            }
+    for (int dy = -reach; dy <= reach; dy++) { /* the disk's row dy spans dx = -half .. half */
+        int dx = reach;
+        while ((double)(dy * dy + dx * dx) > radius * radius) {
+            dx--;
         }
+        half[dy + reach] = dx;
     }
     int32_t num_union = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -675,6 +698,12 @@ static PyObject *py_match_levels(PyObject *self, PyObject *args) {
             union_id[p] = num_union++;
         }
         left_of[i] = union_id[p];
+    }
+    /* ahead[p]: the first predicted pixel at or after p in raster order, so a row of a disk is read in steps
+     * from one predicted pixel to the next (a thinned map has few per row of a disk) */
+    ahead[padded_area] = (int32_t)padded_area;
+    for (int64_t p = padded_area - 1; p >= 0; p--) {
+        ahead[p] = union_id[p] >= 0 ? (int32_t)p : ahead[p + 1];
     }
     Py_END_ALLOW_THREADS
     /* Edges are enumerated from the ground-truth side (its pixels are few next to a cluttered prediction,
@@ -689,10 +718,11 @@ static PyObject *py_match_levels(PyObject *self, PyObject *args) {
     }
     int out_of_memory = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < num_gt; i++) {
-        const int32_t *around = union_id + (gt[i] / w + reach) * stride + gt[i] % w + reach;
-        if (num_edges + num_offsets > capacity) {
-            capacity = 2 * capacity + num_offsets;
+    int64_t most = (int64_t)(2 * reach + 1) * (2 * reach + 1); /* edges of one ground-truth pixel, at most */
+    for (Py_ssize_t i = 0; i < num_gt && !out_of_memory; i++) {
+        int64_t centre = (gt[i] / w + reach) * stride + gt[i] % w + reach;
+        if (num_edges + most > capacity) {
+            capacity = 2 * capacity + most;
             int32_t *grown = realloc(right_of, (size_t)capacity * sizeof(int32_t));
             if (!grown) {
                 out_of_memory = 1;
@@ -700,9 +730,10 @@ static PyObject *py_match_levels(PyObject *self, PyObject *args) {
             }
             right_of = grown;
         }
-        for (Py_ssize_t o = 0; o < num_offsets; o++) {
-            int32_t left = around[disk[o]];
-            if (left >= 0) {
+        for (int dy = -reach; dy <= reach; dy++) {
+            int64_t row = centre + dy * stride, last = row + half[dy + reach];
+            for (int64_t p = ahead[row - half[dy + reach]]; p <= last; p = ahead[p + 1]) {
+                int32_t left = union_id[p];
                 right_of[num_edges++] = left;
                 left_ptr[left + 1]++;
             }
@@ -740,7 +771,7 @@ static PyObject *py_match_levels(PyObject *self, PyObject *args) {
     /* matching state */
     int32_t num_right = (int32_t)num_gt;
     Py_ssize_t vertices = (Py_ssize_t)num_union + num_right + 2;
-    work = malloc(((size_t)num_union + (size_t)vertices * 3) * sizeof(int32_t));
+    work = malloc(((size_t)num_union + (size_t)vertices * 2) * sizeof(int32_t));
     rights = malloc(((size_t)num_right + 1) * sizeof(Right));
     flags = calloc((size_t)num_union + 1, 1);
     if (!work || !rights || !flags) {
@@ -752,8 +783,7 @@ static PyObject *py_match_levels(PyObject *self, PyObject *args) {
     g.left_adj = left_adj;
     g.mate_left = work;
     g.queue = work + num_union;
-    g.parent = g.queue + vertices;
-    g.visited = g.parent + vertices;
+    g.visited = g.queue + vertices;
     g.right = rights;
     g.active = flags;
     g.stamp = 0;
@@ -765,6 +795,7 @@ static PyObject *py_match_levels(PyObject *self, PyObject *args) {
     for (int32_t i = 0; i < num_right; i++) {
         g.right[i].mate = -1;
         g.right[i].mark = 0;
+        g.right[i].parent = -1;
     }
     for (Py_ssize_t k = levels - 1; k >= 0; k--) {
         /* active now marks the previous set; 2 = also in this one */
@@ -812,7 +843,8 @@ done:
     release(&gt_buf);
     free(union_id);
     free(left_of);
-    free(disk);
+    free(ahead);
+    free(half);
     free(left_ptr);
     free(next);
     free(left_adj);

@@ -19,6 +19,12 @@ from densemtl.metrics.base import CountMetric, check_shapes
 MIN_DEPTH = 1e-9
 
 
+def _flat(depth: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The values as one flat array, float32 unless given in float64 (no precision lost)."""
+    dtype = torch.float64 if depth.dtype in (torch.float64, np.float64) else torch.float32
+    return as_numpy(depth, dtype).ravel()
+
+
 class DepthMetric(CountMetric):
     """``update(pred, target)`` with ``B x 1 x H x W`` depths in metres (target 0 = no measurement)."""
 
@@ -30,19 +36,23 @@ class DepthMetric(CountMetric):
 
     def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
         check_shapes(pred, target, "depth")
-        pred, target = as_numpy(pred, torch.float64).ravel(), as_numpy(target, torch.float64).ravel()
+        # selected in the given precision, then float64 (exact from float32): the sums are those of float64 maps
+        pred, target = _flat(pred), _flat(target)
         valid = (target > 0) & np.isfinite(target)
-        pred, target = pred[valid], target[valid]
+        if not valid.all():
+            pred, target = pred[valid], target[valid]
+        pred, target = pred.astype(np.float64), target.astype(np.float64)
         if not np.isfinite(pred).all():
             raise ValueError("depth prediction holds NaN or infinite values")
         pred = np.maximum(pred, MIN_DEPTH)
         ratio = np.maximum(pred / target, target / pred)
+        error = pred - target
         self.add("pixels", pred.size)
         self.add(
             "errors",
             [
-                np.sum((pred - target) ** 2),
-                np.sum(np.abs(pred - target) / target),
+                np.sum(np.square(error)),
+                np.sum(np.abs(error) / target),
                 np.sum(np.abs(np.log10(pred) - np.log10(target))),
             ],
         )

@@ -28,6 +28,20 @@ def angles_deg(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
 
 
+def _vectors(normals: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``B x 3 x H x W`` as ``3 x N`` (a view for one image), in float32 unless given in float64."""
+    dtype = torch.float64 if normals.dtype in (torch.float64, np.float64) else torch.float32
+    return np.moveaxis(as_numpy(normals, dtype), 1, 0).reshape(3, -1)
+
+
+def _valid_vectors(normals: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The float64 ``3 x len(valid)`` vectors at the flat indices ``valid`` of a ``3 x N`` map, laid out
+    pixel by pixel as boolean indexing lays them out (``einsum`` sums in an order that depends on the
+    layout, so the layout is part of the figures' last bits). Taken in the map's own precision first:
+    float32 -> float64 is exact."""
+    return normals.T.take(valid, axis=0).T.astype(np.float64)
+
+
 class NormalsMetric(CountMetric):
     """``update(pred, target)`` with ``B x 3 x H x W`` normals (target zero vector = invalid)."""
 
@@ -41,10 +55,9 @@ class NormalsMetric(CountMetric):
         check_shapes(pred, target, "normals")
         if pred.ndim != 4 or pred.shape[1] != 3:
             raise ValueError(f"normals: expected B x 3 x H x W, got {tuple(pred.shape)}")
-        pred = np.moveaxis(as_numpy(pred, torch.float64), 1, 0).reshape(3, -1)  # channels first: no copy, one image
-        target = np.moveaxis(as_numpy(target, torch.float64), 1, 0).reshape(3, -1)
-        valid = (target != 0).any(axis=0)
-        angles = angles_deg(pred[:, valid], target[:, valid])
+        pred, target = _vectors(pred), _vectors(target)
+        valid = np.flatnonzero((target[0] != 0) | (target[1] != 0) | (target[2] != 0))
+        angles = angles_deg(_valid_vectors(pred, valid), _valid_vectors(target, valid))
         self.add("sums", [angles.sum(), np.square(angles).sum()])
         self.add("within", [np.count_nonzero(angles < t) for t in THRESHOLDS_DEG.values()])
         bins = np.minimum((angles / BIN_DEG).astype(np.int64), NUM_BINS - 1)
