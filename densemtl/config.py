@@ -8,6 +8,7 @@ type, and unknown keys fail with the dotted key and the file named. Overrides lo
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -104,13 +105,15 @@ class EvalConfig:
 
 @dataclass
 class ContrastiveConfig:
-    """Cross-task contrastive regularization (training only)."""
+    """Cross-task contrastive regularization (training only); docs/results/contrastive.md says which
+    values follow the paper and which are densemtl's."""
 
     enabled: bool = False
-    weight: float = 0.5  # no weight helped on the synthetic scenes (docs/results/contrastive.md)
-    loss: Literal["triplet", "infonce"] = "infonce"
+    weight: float = 0.5  # densemtl's value (the paper's was not available to us)
+    loss: Literal["triplet", "infonce"] = "triplet"  # the paper trains a triplet loss; InfoNCE is an option
+    mining: Literal["sampled", "batch_hard"] = "sampled"  # triplet: random positive/negative per anchor, or hardest
     margin: float = 0.3
-    temperature: float = 0.1
+    temperature: float = 0.1  # infonce only
     num_pixels: int = 256  # sampled per batch, shared out over its images
     projector_dim: int = 64
     depth_positive: float = 0.05  # relative depth difference under which two pixels are positives
@@ -122,11 +125,20 @@ class ContrastiveConfig:
 
 @dataclass
 class MTCPConfig:
-    """Multi-task coherence and prioritization (cross-task fusion, trace-back)."""
+    """Multi-task coherence and prioritization (cross-task fusion, trace-back, deep supervision).
 
-    attention_size: int | None = 16  # CFM position attention on a grid of at most this side; None = full
+    ``official`` = the layout of MT-CP's released code (docs/results/mtcp.md); the others are densemtl's
+    earlier variants, kept as options.
+    """
+
+    cfm: Literal["official", "bounded"] = "official"
+    traceback: Literal["official", "residual"] = "official"
+    # where the trace-back heads' losses go: ``official`` adds them outside the task and balancer
+    # weighting (as the released code does), ``in_task`` inside each task's loss
+    deep_supervision: Literal["official", "in_task"] = "official"
+    attention_size: int | None = None  # CFM keys/values pooled to at most this many cells per side; None = full
     consistency_weight: float = 0.0
-    traceback_weight: float = 0.5
+    traceback_weight: float = 0.5  # per deep-supervision head
 
 
 @dataclass
@@ -359,7 +371,7 @@ def validate(config: Config, source: str = "<config>") -> None:
     for registry, name in ((DATASETS, config.data.dataset), (ARCHITECTURES, config.model.arch),
                            (BALANCERS, config.loss.balancer)):
         registry.check(name, source)
-    for check in (_check_tasks, _check_sizes, _check_ranges):
+    for check in (_check_tasks, _check_sizes, _check_ranges, _check_method_ranges):
         check(config, fail)
 
 
@@ -409,3 +421,17 @@ def _check_ranges(config: Config, fail: _Fail) -> None:
     if config.data.num_workers < 0:
         fail("data.num_workers", "must be >= 0")
 
+
+def _check_method_ranges(config: Config, fail: _Fail) -> None:
+    """The MT-CP and contrastive weights and sizes (NaN and infinity are refused too)."""
+    non_negative = {
+        "mtcp.traceback_weight": config.mtcp.traceback_weight,
+        "mtcp.consistency_weight": config.mtcp.consistency_weight,
+        "contrastive.weight": config.contrastive.weight,
+        "contrastive.margin": config.contrastive.margin,
+    }
+    for key, value in non_negative.items():
+        if not math.isfinite(value) or value < 0:
+            fail(key, f"must be a finite number >= 0, got {value}")
+    if config.mtcp.attention_size is not None and config.mtcp.attention_size < 1:
+        fail("mtcp.attention_size", f"must be at least 1 (or null for full attention), got {config.mtcp.attention_size}")
