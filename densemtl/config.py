@@ -433,5 +433,6 @@ def _check_method_ranges(config: Config, fail: _Fail) -> None:
     for key, value in non_negative.items():
         if not math.isfinite(value) or value < 0:
             fail(key, f"must be a finite number >= 0, got {value}")
-    if config.mtcp.attention_size is not None and config.mtcp.attention_size < 1:
-        fail("mtcp.attention_size", f"must be at least 1 (or null for full attention), got {config.mtcp.attention_size}")
+    size = config.mtcp.attention_size
+    if size is not None and size < 1:
+        fail("mtcp.attention_size", f"must be at least 1 (or null for full attention), got {size}")

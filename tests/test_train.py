@@ -141,10 +141,10 @@ def test_objective_adds_deep_supervision_extra_losses_and_hook_terms(tmp_path: P
     inter = {"semseg": [torch.randn(2, 13, 4, 6), torch.randn(2, 13, 8, 12)]}
     output = {"pred": pred, "intermediate": inter, "extra_losses": {"l0": torch.tensor(0.25)}}
     total, figures = objective(output, batch, step=0, shared=[], extra={"hook": torch.tensor(1.5)})
-    upsampled = to_target_size(inter["semseg"][0], batch["semseg"])
-    assert upsampled.shape == (2, 13, 8, 12) and to_target_size(inter["semseg"][1], batch["semseg"]) is inter["semseg"][1]
+    upsampled, full = (to_target_size(raw, batch["semseg"]) for raw in inter["semseg"])
+    assert upsampled.shape == (2, 13, 8, 12) and full is inter["semseg"][1]
     semseg = tasks["semseg"].loss(pred["semseg"], batch["semseg"])
-    deep = tasks["semseg"].loss(upsampled, batch["semseg"]) + tasks["semseg"].loss(inter["semseg"][1], batch["semseg"])
+    deep = tasks["semseg"].loss(upsampled, batch["semseg"]) + tasks["semseg"].loss(full, batch["semseg"])
     depth = tasks["depth"].loss(pred["depth"], batch["depth"])
     if placement == "official":  # outside the task weight (2.0), full-resolution targets, 0.5 per head
         expected = 2.0 * semseg + depth + 0.5 * deep + 0.25 + 1.5
