@@ -236,3 +236,17 @@ def test_config_trains_end_to_end(tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     balancer = {k: v for k, v in state["objective"].items() if k.startswith("balancer.")}
     assert int(balancer["balancer.completed"]) == 3  # windows of one step: closed at steps 1, 2, 3
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("mtcp.traceback_weight=.nan", "mtcp.traceback_weight"), ("mtcp.consistency_weight=-1", "mtcp.consistency_weight"),
+     ("mtcp.attention_size=0", "mtcp.attention_size"), ("mtcp.cfm=gaaf", "mtcp.cfm"),
+     ("mtcp.traceback=spf", "mtcp.traceback"), ("mtcp.deep_supervision=inside", "mtcp.deep_supervision"),
+     ("contrastive.weight=.inf", "contrastive.weight"), ("contrastive.mining=hard", "contrastive.mining")],
+)
+def test_bad_method_settings_name_the_key(override, key):
+    from densemtl.config import load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
