@@ -88,12 +88,14 @@ def command(variants: dict[str, Variant], label: str, seed: int, steps: int, roo
 
 
 def train(variants: dict[str, Variant], label: str, seed: int, steps: int, root: Path,
-          extra: list[str]) -> dict[str, dict[str, float]]:
+          extra: list[str], reuse_only: bool = False) -> dict[str, dict[str, float]]:
     """Train one run (or reuse the finished one) and return its final test results."""
     from densemtl.engine.run import run_training
 
     directory = run_dir(root, label, seed)
     result_file = directory / "results.json"
+    if not result_file.exists() and reuse_only:
+        raise SystemExit(f"--reuse-only: {result_file} does not exist yet")
     if not result_file.exists():
         variant = variants[label]
         overrides = [*variant.overrides, *budget(seed, steps), *extra, f"out_dir={directory}", f"name={label}"]
@@ -116,12 +118,13 @@ def verdict(differences: list[float]) -> str:
 
 
 def summarize(variants: dict[str, Variant], seeds: list[int], steps: int, root: Path, extra: list[str],
-              cost: bool = True) -> dict[str, Any]:
+              reuse_only: bool = False) -> dict[str, Any]:
     """Per variant: metrics per seed, Delta-m per seed against ``single``, paired difference to its baseline."""
     from densemtl.engine.bench import run_bench
     from densemtl.metrics.delta_m import delta_m
 
-    results = {label: {s: train(variants, label, s, steps, root, extra) for s in seeds} for label in variants}
+    results = {label: {s: train(variants, label, s, steps, root, extra, reuse_only) for s in seeds}
+               for label in variants}
     summary: dict[str, Any] = {"seeds": seeds, "steps": steps, "extra_overrides": extra, "variants": {}}
     for label, by_seed in results.items():
         variant = variants[label]
@@ -140,11 +143,10 @@ def summarize(variants: dict[str, Variant], seeds: list[int], steps: int, root: 
             row["baseline"] = variant.baseline
             row["paired_difference_per_seed"] = differences
             row["verdict"] = verdict(differences)
-        if cost:
-            config = load_config(variant.config, variant.overrides + extra)
-            figures = run_bench(config, root / "bench" / f"{label}.json", repeats=3)
-            row["parameters_m"] = figures["parameters"]["total"] / 1e6
-            row["gflops"] = figures["gflops"]["total"]
+        config = load_config(variant.config, variant.overrides + extra)
+        figures = run_bench(config, root / "bench" / f"{label}.json", repeats=3)
+        row["parameters_m"] = figures["parameters"]["total"] / 1e6
+        row["gflops"] = figures["gflops"]["total"]
         summary["variants"][label] = row
     print(format_summary(summary))
     return summary
@@ -169,7 +171,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         cells.append("" if paired is None else
                      f"{statistics.mean(paired):+.2f} vs {row['baseline']} ({' / '.join(f'{d:+.2f}' for d in paired)})")
         cells.append(row.get("verdict", ""))
-        cells += [f"{row['parameters_m']:.3f}", f"{row['gflops']:.3f}"] if "gflops" in row else ["", ""]
+        cells += [f"{row['parameters_m']:.3f}", f"{row['gflops']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -178,6 +180,7 @@ def add_arguments(parser: Any, labels: list[str]) -> None:
     """The comparison's options, shared by the two benchmark scripts."""
     parser.add_argument("--compare", action="store_true", help="train what is missing and summarise (slow)")
     parser.add_argument("--commands", action="store_true", help="print one `densemtl train` line per run")
+    parser.add_argument("--reuse-only", action="store_true", help="with --compare: fail instead of training")
     parser.add_argument("--root", type=Path, default=Path("runs/compare"), help="run directories of the comparison")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
@@ -196,5 +199,5 @@ def run_family(args: Any, variants: dict[str, Variant]) -> dict[str, Any] | None
                 print(command(chosen, label, seed, args.steps, args.root, args.train_set))
         return None
     if args.compare:
-        return summarize(chosen, args.seeds, args.steps, args.root, args.train_set)
+        return summarize(chosen, args.seeds, args.steps, args.root, args.train_set, args.reuse_only)
     return None

@@ -111,6 +111,33 @@ def attention_cost(sizes: list[str], attention: list[str], repeats: int) -> list
     return rows
 
 
+def _train_records(root: Path, label: str, seed: int) -> list[dict[str, Any]]:
+    lines = (root / f"seed{seed}" / label / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def lps_weights(summary: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Per LPS variant and task: the logged weight at the last step (mean over seeds), the smallest and
+    largest logged after the first window, and how many logged steps had some weight below 0.0101 (at or
+    under the default floor)."""
+    table: dict[str, Any] = {}
+    for label in summary["variants"]:
+        if "loss.balancer=lps" not in VARIANTS[label].overrides:
+            continue
+        runs = [_train_records(root, label, seed) for seed in summary["seeds"]]
+        tasks = [key.removeprefix("weight/") for key in runs[0][0] if key.startswith("weight/")]
+        later = [r for records in runs for r in records if r["step"] > 25]
+        table[label] = {
+            "last": {t: statistics.mean(records[-1][f"weight/{t}"] for records in runs) for t in tasks},
+            "min": {t: min(r[f"weight/{t}"] for r in later) for t in tasks},
+            "max": {t: max(r[f"weight/{t}"] for r in later) for t in tasks},
+            "steps_at_or_below_floor": sum(any(r[f"weight/{t}"] < 0.0101 for t in tasks) for r in later),
+            "steps_logged": len(later),
+        }
+        print(label, json.dumps(table[label]))
+    return table
+
+
 def plot_comparison(summary: dict[str, Any], root: Path, path: Path) -> None:
     """Delta-m of every variant (one dot per seed, a bar at the mean) and the LPS variants' weights."""
     try:
@@ -125,8 +152,7 @@ def plot_comparison(summary: dict[str, Any], root: Path, path: Path) -> None:
     weights: dict[str, list[dict[str, Any]]] = {}  # LPS variants whose weights move
     for label in variants:
         if "loss.balancer=lps" in VARIANTS[label].overrides:
-            lines = (root / f"seed{seed}" / label / "log.jsonl").read_text().splitlines()
-            records = [r for r in map(json.loads, lines) if r["kind"] == "train"]
+            records = _train_records(root, label, seed)
             if any(r[key] != 1.0 for r in records for key in r if key.startswith("weight/")):
                 weights[label] = records
     fig, axes = plt.subplots(
@@ -171,6 +197,7 @@ def main() -> None:
         result = run_family(args, VARIANTS)
         if result is None:
             return
+        result["lps_weights"] = lps_weights(result, args.root)
         if args.plot:
             plot_comparison(result, args.root, args.plot)
     else:
