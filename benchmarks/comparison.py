@@ -152,9 +152,9 @@ def summarize(variants: dict[str, Variant], seeds: list[int], steps: int, root: 
     return summary
 
 
-def _cell(values: list[float], digits: int) -> str:
+def _cell(values: list[float], digits: int, sign: str = "") -> str:
     mean, sd = _mean_sd(values)
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    return f"{mean:{sign}.{digits}f} ± {sd:.{digits}f}"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -166,7 +166,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, row in variants.items():
         cells = [label] + [_cell(row["primary"][t]["per_seed"], 3 if t == "depth" else 2) for t in tasks]
-        cells.append(_cell(row["delta_m_per_seed"], 2))
+        cells.append(_cell(row["delta_m_per_seed"], 2, "+"))
         paired = row.get("paired_difference_per_seed")
         cells.append("" if paired is None else
                      f"{statistics.mean(paired):+.2f} vs {row['baseline']} ({' / '.join(f'{d:+.2f}' for d in paired)})")
