@@ -9,7 +9,8 @@ TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test lint bench install clean
 
-$(STAMP): pyproject.toml
+# `pip install -e .` also compiles the boundary-evaluation kernel (setup.py): rebuild when its source changes
+$(STAMP): pyproject.toml setup.py densemtl/metrics/_boundary_core.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"

@@ -126,10 +126,11 @@ def summarize(variants: dict[str, Variant], seeds: list[int], steps: int, root: 
     results = {label: {s: train(variants, label, s, steps, root, extra, reuse_only) for s in seeds}
                for label in variants}
     summary: dict[str, Any] = {"seeds": seeds, "steps": steps, "extra_overrides": extra, "variants": {}}
+    scoring = load_config(variants["single"].config, extra).eval  # which metric each task enters Delta-m with
     for label, by_seed in results.items():
         variant = variants[label]
         tasks = list(by_seed[seeds[0]])
-        deltas = [delta_m(by_seed[s], results["single"][s]) for s in seeds]
+        deltas = [delta_m(by_seed[s], results["single"][s], eval_config=scoring) for s in seeds]
         row: dict[str, Any] = {
             "overrides": variant.overrides,
             "note": variant.note,
@@ -138,7 +139,8 @@ def summarize(variants: dict[str, Variant], seeds: list[int], steps: int, root: 
             "delta_m_per_seed": deltas,
         }
         if variant.baseline is not None:
-            reference = [delta_m(results[variant.baseline][s], results["single"][s]) for s in seeds]
+            reference = [delta_m(results[variant.baseline][s], results["single"][s], eval_config=scoring)
+                         for s in seeds]
             differences = [a - b for a, b in zip(deltas, reference, strict=True)]
             row["baseline"] = variant.baseline
             row["paired_difference_per_seed"] = differences

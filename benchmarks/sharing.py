@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "split": split, "method": label, "params_M": params[owner] / 1e6, "stored_MB": megabytes[owner],
             "gflops_per_frame": figures["gflops_per_frame"], "ms_per_frame": figures["ms_per_frame"],
             "metrics": {n: figures["results"][n][tasks[n].primary_metric] for n in names},
-            "delta_m": delta_m(figures["results"], reference[split], names),
+            "delta_m": delta_m(figures["results"], reference[split], names, config.eval),
         })
     timing = {}
     for scale in (1, 2):

@@ -22,7 +22,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config.out_dir = args.out
     from densemtl.engine.run import run_training
 
-    run_training(config, resume=args.resume)
+    run_training(config, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -50,6 +50,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             per_class=args.per_class,
             report_all=args.all_errors,
             synthetic=synthetic,
+            edge_protocol=args.edge_protocol,
+            workers=args.workers,
         )
     else:
         evaluate_checkpoint(
@@ -60,6 +62,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             matcher=args.boundary_matcher,
             out=Path(args.out) if args.out else None,
             per_class=args.per_class,
+            edge_protocol=args.edge_protocol,
         )
     return 0
 
@@ -102,6 +105,8 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from densemtl.metrics.edge_protocols import EDGE_PROTOCOLS
+
     parser = argparse.ArgumentParser(
         prog="densemtl", description="Multi-task dense scene understanding: train, evaluate, predict, bench."
     )
@@ -112,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
     train.add_argument("--out", help="run directory (default: the config's out_dir)")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="train into an --out folder that holds other files than a densemtl run")
     train.set_defaults(func=_cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="score a checkpoint or saved predictions")
@@ -127,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--tasks", nargs="+", help="tasks to score (default: those with a sub-folder)")
     evaluate.add_argument("--boundary-matcher", choices=["exact", "bsds"], default=None)
+    evaluate.add_argument(
+        "--edge-protocol", choices=list(EDGE_PROTOCOLS), default=None,
+        help="how boundary maps are thresholded, as a paper's codebase does it (default: eval.edge_protocol, "
+        "seism-hed)",
+    )
+    evaluate.add_argument(
+        "--workers", type=int, default=None, help="with --predictions: processes scoring images (default: the cores)"
+    )
     evaluate.add_argument("--per-class", action="store_true", help="print per-class tables")
     evaluate.add_argument("--all-errors", action="store_true", help="list every bad file, not only the first")
     evaluate.add_argument("--out", help="JSON file for every figure")

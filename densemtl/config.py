@@ -97,10 +97,15 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     boundary_max_dist: float | None = None  # fraction of the diagonal; None = the dataset's protocol
-    boundary_thresholds: int = 99
+    boundary_thresholds: int | None = None  # None = the edge protocol's own; K = k/(K+1), k=1..K (quicker)
     boundary_matcher: Literal["exact", "bsds"] = "exact"
+    # how soft boundary maps become SEISM's thresholded maps: HED NMS + SEISM (default), InvPT/TaskPrompter's
+    # tool, or Multi-Task-Learning-PyTorch's (densemtl/metrics/edge_protocols.py)
+    edge_protocol: Literal["seism-hed", "invpt", "mtlpt"] = "seism-hed"
     boundary_during_training: bool = True
     saliency_thresholds: int = 19
+    # saliency's metric in delta_m: maxF (the field's tables) or MTL-PyTorch's mIoU (best of its 15 thresholds)
+    delta_m_saliency: Literal["maxF", "mIoU"] = "maxF"
 
 
 @dataclass
@@ -323,11 +328,17 @@ def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file, following an optional ``base: other.yaml`` key (relative to the file)."""
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file, following an optional ``base: other.yaml`` key (relative to the file).
+
+    ``_chain`` holds the files that led here, so a file that is its own base (through others) is named.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(link) for link in (*_chain, path.resolve()))
+        raise ConfigError(f"{path}: 'base:' files form a cycle: {cycle}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -336,7 +347,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     base = data.pop("base", None)
     if base is not None:
-        data = merge_dicts(read_yaml(path.parent / base), data)
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: key 'base': expected a file name, got {base!r}")
+        data = merge_dicts(read_yaml(path.parent / base, (*_chain, path.resolve())), data)
     return data
 
 
@@ -359,6 +372,121 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 _Fail = Callable[[str, str], NoReturn]  # raises the ConfigError naming the key and the file
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The valid range of a numeric option; ``open_low`` / ``open_high`` exclude the bound itself."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def admits(self, value: float) -> bool:
+        above = self.low is None or value > self.low or (value == self.low and not self.open_low)
+        below = self.high is None or value < self.high or (value == self.high and not self.open_high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.open_low else '>='} {self.low}"
+        if self.high is not None:
+            return f"{'<' if self.open_high else '<='} {self.high}"
+        return "a finite number"
+
+
+POSITIVE = Bounds(0, open_low=True)
+AT_LEAST_ONE = Bounds(1)
+NON_NEGATIVE = Bounds(0)
+FINITE = Bounds()
+
+# The range of every numeric field, by dotted key (lists and mappings: of each item). A numeric field
+# without a row here fails tests/test_config.py, so a new option cannot skip its check.
+RANGES: dict[str, Bounds] = {
+    "data.synthetic.height": AT_LEAST_ONE,
+    "data.synthetic.width": AT_LEAST_ONE,
+    "data.synthetic.num_train": NON_NEGATIVE,
+    "data.synthetic.num_val": NON_NEGATIVE,
+    "data.synthetic.num_test": NON_NEGATIVE,
+    "data.synthetic.num_clips": NON_NEGATIVE,
+    "data.synthetic.clip_length": AT_LEAST_ONE,
+    "data.synthetic.seed": NON_NEGATIVE,
+    "data.crop_size": AT_LEAST_ONE,
+    "data.scale_range": POSITIVE,
+    "data.batch_size": AT_LEAST_ONE,
+    "data.eval_batch_size": AT_LEAST_ONE,
+    "data.num_workers": NON_NEGATIVE,
+    "model.feature_layers": AT_LEAST_ONE,  # 1-based block indices
+    "model.neck_channels": AT_LEAST_ONE,
+    "model.head_channels": AT_LEAST_ONE,
+    "loss.weights": NON_NEGATIVE,
+    "train.steps": AT_LEAST_ONE,
+    "train.lr": POSITIVE,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.poly_power": NON_NEGATIVE,
+    "train.warmup_steps": NON_NEGATIVE,
+    "train.grad_clip": POSITIVE,  # or null: no clipping
+    "train.accumulate": AT_LEAST_ONE,
+    "train.ema_decay": Bounds(0, 1, open_high=True),
+    "train.seed": NON_NEGATIVE,
+    "train.log_every": AT_LEAST_ONE,
+    "train.eval_every": AT_LEAST_ONE,
+    "train.checkpoint_every": AT_LEAST_ONE,
+    "eval.boundary_max_dist": Bounds(0, 1, open_low=True),
+    "eval.boundary_thresholds": AT_LEAST_ONE,
+    "eval.saliency_thresholds": AT_LEAST_ONE,
+    "contrastive.weight": NON_NEGATIVE,
+    "contrastive.margin": NON_NEGATIVE,
+    "contrastive.temperature": POSITIVE,
+    "contrastive.num_pixels": Bounds(2),
+    "contrastive.projector_dim": AT_LEAST_ONE,
+    "contrastive.depth_positive": NON_NEGATIVE,
+    "contrastive.depth_negative": NON_NEGATIVE,
+    "contrastive.normals_positive_deg": Bounds(0, 180),
+    "contrastive.normals_negative_deg": Bounds(0, 180),
+    "contrastive.seed": NON_NEGATIVE,
+    "mtcp.attention_size": AT_LEAST_ONE,
+    "mtcp.consistency_weight": NON_NEGATIVE,
+    "mtcp.traceback_weight": NON_NEGATIVE,
+    "sharing.l0_weight": NON_NEGATIVE,
+    "sharing.activation_weight": NON_NEGATIVE,
+    "sharing.threshold": NON_NEGATIVE,
+    "sharing.keyframe_interval": AT_LEAST_ONE,
+    "sharing.temporal_threshold": NON_NEGATIVE,
+    "sharing.temporal_weight": NON_NEGATIVE,
+    "sharing.phase_steps": NON_NEGATIVE,
+    "sharing.gate_init": FINITE,  # a log-alpha: any real number
+    "sharing.gate_scale": POSITIVE,
+    "sharing.temporal_shift": NON_NEGATIVE,
+    "sharing.video_task_layers": NON_NEGATIVE,
+}
+# Pairs of options whose first may not exceed the second.
+ORDERED: tuple[tuple[str, str], ...] = (
+    ("contrastive.depth_positive", "contrastive.depth_negative"),
+    ("contrastive.normals_positive_deg", "contrastive.normals_negative_deg"),
+)
+
+
+def _get_dotted(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _numbers(key: str, value: Any) -> list[tuple[str, float]]:
+    """``(dotted key, number)`` for a number, the items of a list or the values of a mapping (None: none)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, (int, float)):
+        return [(key, value)]
+    if isinstance(value, (list, tuple)):
+        return [pair for index, item in enumerate(value) for pair in _numbers(f"{key}[{index}]", item)]
+    if isinstance(value, dict):
+        return [pair for name, item in value.items() for pair in _numbers(f"{key}.{name}", item)]
+    return []
+
+
 def validate(config: Config, source: str = "<config>") -> None:
     """Checks on values (beyond types) that would otherwise fail deep inside training.
 
@@ -371,7 +499,7 @@ def validate(config: Config, source: str = "<config>") -> None:
     for registry, name in ((DATASETS, config.data.dataset), (ARCHITECTURES, config.model.arch),
                            (BALANCERS, config.loss.balancer)):
         registry.check(name, source)
-    for check in (_check_tasks, _check_sizes, _check_ranges, _check_method_ranges):
+    for check in (_check_tasks, _check_ranges, _check_sizes):
         check(config, fail)
 
 
@@ -389,50 +517,24 @@ def _check_tasks(config: Config, fail: _Fail) -> None:
 
 
 def _check_sizes(config: Config, fail: _Fail) -> None:
-    if config.data.crop_size is not None and (
-        len(config.data.crop_size) != 2 or min(config.data.crop_size) <= 0
-    ):
-        fail("data.crop_size", "expected [height, width] with positive values")
-    lo, hi = (config.data.scale_range + [None, None])[:2]
-    if len(config.data.scale_range) != 2 or not 0 < lo <= hi:
-        fail("data.scale_range", "expected [min, max] with 0 < min <= max")
+    if config.data.crop_size is not None and len(config.data.crop_size) != 2:
+        fail("data.crop_size", "expected [height, width]")
+    scale = config.data.scale_range
+    if len(scale) != 2 or scale[0] > scale[1]:
+        fail("data.scale_range", "expected [min, max] with min <= max")
 
 
 def _check_ranges(config: Config, fail: _Fail) -> None:
-    positive = {
-        "data.batch_size": config.data.batch_size,
-        "data.eval_batch_size": config.data.eval_batch_size,
-        "train.steps": config.train.steps,
-        "train.accumulate": config.train.accumulate,
-        "train.log_every": config.train.log_every,
-        "train.eval_every": config.train.eval_every,
-        "train.checkpoint_every": config.train.checkpoint_every,
-        "eval.boundary_thresholds": config.eval.boundary_thresholds,
-        "data.synthetic.height": config.data.synthetic.height,
-        "data.synthetic.width": config.data.synthetic.width,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            fail(key, f"must be positive, got {value}")
-    if config.train.lr <= 0:
-        fail("train.lr", f"must be positive, got {config.train.lr}")
-    if not 0 <= config.train.ema_decay < 1:
-        fail("train.ema_decay", f"must be in [0, 1), got {config.train.ema_decay}")
-    if config.data.num_workers < 0:
-        fail("data.num_workers", "must be >= 0")
-
-
-def _check_method_ranges(config: Config, fail: _Fail) -> None:
-    """The MT-CP and contrastive weights and sizes (NaN and infinity are refused too)."""
-    non_negative = {
-        "mtcp.traceback_weight": config.mtcp.traceback_weight,
-        "mtcp.consistency_weight": config.mtcp.consistency_weight,
-        "contrastive.weight": config.contrastive.weight,
-        "contrastive.margin": config.contrastive.margin,
-    }
-    for key, value in non_negative.items():
-        if not math.isfinite(value) or value < 0:
-            fail(key, f"must be a finite number >= 0, got {value}")
-    size = config.mtcp.attention_size
-    if size is not None and size < 1:
-        fail("mtcp.attention_size", f"must be at least 1 (or null for full attention), got {size}")
+    """Every number of the config within its field's :data:`RANGES` entry (NaN and infinities never pass)."""
+    for key, bounds in RANGES.items():
+        for item_key, value in _numbers(key, _get_dotted(config, key)):
+            if not (math.isfinite(value) and bounds.admits(value)):
+                fail(item_key, f"must be {bounds}, got {value}")
+    for key in ORDERED:
+        low, high = (_get_dotted(config, name) for name in key)
+        if low > high:
+            fail(key[0], f"must not exceed {key[1]} ({high}), got {low}")
+    for key in ("model.backbone_args", "loss.balancer_args"):
+        for item_key, value in _numbers(key, _get_dotted(config, key)):
+            if not math.isfinite(value):
+                fail(item_key, f"must be a finite number, got {value}")

@@ -127,6 +127,11 @@ class Task:
     def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         raise NotImplementedError
 
+    @classmethod
+    def delta_m_metric(cls, eval_config: EvalConfig | None) -> str:
+        """The metric delta_m compares for this task (the primary one unless ``eval_config`` chooses)."""
+        return cls.primary_metric
+
     def label_relation(self, thresholds: ContrastiveConfig) -> LabelRelation | None:
         """How this task's labels make pixel pairs positive or negative for the contrastive regularizer
         (``thresholds``: its similarity thresholds); None when the labels give no such rule."""
@@ -471,7 +476,10 @@ class EdgeTask(ProbabilityMapTask):
 
         max_dist = eval_config.boundary_max_dist or info.boundary_max_dist
         return BoundaryMetric(
-            max_dist=max_dist, thresholds=eval_config.boundary_thresholds, matcher=eval_config.boundary_matcher
+            max_dist=max_dist,
+            thresholds=eval_config.boundary_thresholds,
+            matcher=eval_config.boundary_matcher,
+            protocol=eval_config.edge_protocol,
         )
 
 
@@ -490,6 +498,11 @@ class SaliencyTask(ProbabilityMapTask):
         from densemtl.metrics.saliency import SaliencyMetric
 
         return SaliencyMetric(thresholds=eval_config.saliency_thresholds)
+
+    @classmethod
+    def delta_m_metric(cls, eval_config: EvalConfig | None) -> str:
+        """maxF, as the field's tables, or MTL-PyTorch's mIoU (``eval.delta_m_saliency``)."""
+        return eval_config.delta_m_saliency if eval_config is not None else cls.primary_metric
 
 
 def build_task(name: str, info: DatasetInfo, normals_loss: str = "l1") -> Task:

@@ -6,6 +6,12 @@ Test modules import them from here (``from tests.conftest import tiny_config``) 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +64,43 @@ def make_trainer(
 def read_log(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
     lines = (run_dir / "log.jsonl").read_text().splitlines()
     return [record for record in map(json.loads, lines) if record["kind"] == kind]
+
+
+def logged_step(run_dir: Path) -> int:
+    """The last training step of ``log.jsonl`` (its complete lines; 0 when there is none yet)."""
+    try:
+        text = (run_dir / "log.jsonl").read_text()
+    except OSError:
+        return 0
+    lines = text.split("\n")[:-1]  # the last piece is empty or a line still being written
+    return max((record["step"] for record in map(json.loads, lines) if record["kind"] == "train"), default=0)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def densemtl_process(*args: str, launcher: tuple[str, ...] = ("-m", "densemtl.cli")) -> subprocess.Popen:
+    """``python -m densemtl.cli ARGS`` (or another ``launcher``) on this checkout's package, with as many threads
+    as this process, in a process group of its own; its output goes to ``<first --out>.stderr`` when there is
+    an ``--out``, else nowhere."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the arithmetic of this process
+    out = args[args.index("--out") + 1] if "--out" in args else None
+    with open(f"{out}.stderr" if out else os.devnull, "ab") as log:
+        return subprocess.Popen([sys.executable, *launcher, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=log, start_new_session=True)
+
+
+def kill_when(process: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300.0) -> None:
+    """SIGKILL ``process`` and its group as soon as ``ready()`` (polled every 10 ms) or it has ended."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and not ready():
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 # --- computation sharing ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Boundary evaluation: NMS and thinning, the exact incremental matcher, ODS/OIS/AP on crafted maps, bsds."""
+"""Boundary evaluation: the compiled kernels (NMS, thinning, incremental matching), ODS/OIS/AP, bsds."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import pytest
 import scipy.sparse as sp
 from scipy import ndimage
 from scipy.sparse.csgraph import maximum_bipartite_matching
+from scipy.spatial import cKDTree
 
 from densemtl.errors import UserError
 from densemtl.metrics.boundary import BoundaryMetric, average_precision, image_counts, threshold_levels
-from densemtl.metrics.boundary_match import bsds_kernel, exact_counts, tolerance_graph
-from densemtl.metrics.edge_nms import _orientation, conv_tri, edge_nms, quantize, thin, thinned_levels
+from densemtl.metrics.boundary_match import bsds_kernel, exact_counts
+from densemtl.metrics.edge_nms import conv_tri, core, edge_nms, orientation, thin, thinned_levels
+from densemtl.metrics.edge_protocols import EDGE_PROTOCOLS
 
 HAS_BSDS = importlib.util.find_spec("pyEdgeEval") is not None
 needs_bsds = pytest.mark.skipif(not HAS_BSDS, reason="optional pyEdgeEval (densemtl[bsds]) not installed")
@@ -44,11 +46,16 @@ def _scene(seed: int, height: int = 60, width: int = 80) -> tuple[np.ndarray, np
 
 
 def _reference_matching(pixels: np.ndarray, gt: np.ndarray, radius: float) -> int:
-    """One maximum matching with scipy's Hopcroft-Karp, for comparison."""
-    indptr, indices, gt_pixels = tolerance_graph(pixels, gt, radius)
-    if indices.size == 0:
+    """One maximum matching with scipy's Hopcroft-Karp on a pair graph built with a k-d tree."""
+    width = gt.shape[1]
+    gt_pixels = np.flatnonzero(gt)
+    if not pixels.size or not gt_pixels.size:
         return 0
-    graph = sp.csr_matrix((np.ones(indices.size), indices, indptr), shape=(pixels.size, gt_pixels.size))
+    tree = cKDTree(np.stack(np.divmod(gt_pixels, width), axis=1))
+    neighbours = tree.query_ball_point(np.stack(np.divmod(pixels, width), axis=1), radius + 1e-9)
+    rows = np.repeat(np.arange(pixels.size), [len(n) for n in neighbours])
+    cols = np.concatenate([np.asarray(n, dtype=np.int64) for n in neighbours])
+    graph = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(pixels.size, gt_pixels.size))
     return int((maximum_bipartite_matching(graph, perm_type="column") >= 0).sum())
 
 
@@ -60,13 +67,16 @@ def test_thin_bar_to_line() -> None:
     assert np.array_equal(thin(thinned), thinned)
 
 
-def test_thinned_levels_equal_thin_of_each_threshold() -> None:
+@pytest.mark.parametrize("strict", [False, True])
+def test_thinned_levels_equal_thin_of_each_threshold(strict: bool) -> None:
     soft, _ = _scene(3)
-    edges = quantize(edge_nms(soft))
+    values = np.round(edge_nms(conv_tri(soft, 1)) * 255) / 255
+    values[30, 5:70] = 51 / 255  # a line exactly at the threshold 0.2: ">" and ">=" differ there
     thresholds = threshold_levels(19)
-    levels = thinned_levels(edges, thresholds)
+    levels = thinned_levels(values, thresholds, strict=strict)
     for t, level in zip(thresholds, levels, strict=True):
-        assert np.array_equal(level, np.flatnonzero(thin(edges >= t)))
+        counted = values > t if strict else values >= t
+        assert np.array_equal(np.sort(level), np.flatnonzero(thin(counted)))
 
 
 def _load_pyedgeeval_thin():  # noqa: ANN202 - a function of the optional package
@@ -94,28 +104,64 @@ def test_nms_matches_the_compiled_kernel() -> None:
 
     soft, _ = _scene(1)
     smooth = conv_tri(soft, 1)
-    expected = nms(smooth.astype(np.float64), _orientation(smooth).astype(np.float64), r=1, s=5, m=1.01)
-    np.testing.assert_allclose(edge_nms(soft), expected, atol=1e-6)
+    angle = orientation(smooth)
+    expected = nms(smooth.astype(np.float64), angle.astype(np.float64), r=1, s=5, m=1.01)
+    np.testing.assert_allclose(edge_nms(smooth), expected, atol=1e-6)
     assert "cv2" not in sys.modules
+
+
+def test_smoothing_and_orientation_follow_their_definitions() -> None:
+    rng = np.random.default_rng(4)
+    image = ndimage.gaussian_filter(rng.random((30, 41)), 2).astype(np.float32)
+    for radius in (1, 4):
+        kernel = np.concatenate([np.arange(1, radius + 2), np.arange(radius, 0, -1)]) / (radius + 1) ** 2
+        padded = np.pad(image.astype(np.float64), radius, mode="symmetric")
+        rows = sum(k * padded[i : i + image.shape[0]] for i, k in enumerate(kernel))
+        both = sum(k * rows[:, i : i + image.shape[1]] for i, k in enumerate(kernel))
+        np.testing.assert_allclose(conv_tri(image, radius), both, rtol=1e-6, atol=1e-7)
+    smooth = conv_tri(image, 4).astype(np.float64)
+    oy, ox = np.gradient(smooth)
+    oyy, oxy = np.gradient(oy)
+    expected = np.mod(np.arctan(oyy * np.sign(-oxy) / (np.gradient(ox, axis=1) + 1e-5)), np.pi)
+    error = np.abs(orientation(image) - expected)
+    assert np.minimum(error, np.pi - error).max() < 1e-3  # the same angle up to single-precision rounding
 
 
 def test_incremental_equals_separate_matchings_on_non_nested_sets() -> None:
     rng = np.random.default_rng(0)
-    gt = np.zeros((30, 40), dtype=bool)
-    gt[rng.random(gt.shape) < 0.08] = True
-    gt[10, 5:35] = True
-    # sets that grow, shrink and jump around, so both additions and removals are exercised
-    sets = [np.flatnonzero(rng.random(gt.shape) < p) for p in rng.uniform(0.02, 0.2, size=25)]
-    sizes = exact_counts(sets, gt, radius=2.5)
-    assert sizes.tolist() == [_reference_matching(s, gt, 2.5) for s in sets]
+    for _ in range(20):
+        height, width = rng.integers(5, 40, size=2)
+        gt = rng.random((height, width)) < rng.uniform(0.02, 0.3)
+        gt[height // 2, 2:-2] = True
+        # sets that grow, shrink and jump around, so pixels both join and leave between sets
+        sets = [np.flatnonzero(rng.random(gt.shape) < p) for p in rng.uniform(0.01, 0.5, size=rng.integers(1, 15))]
+        radius = rng.uniform(0, 4)
+        assert exact_counts(sets, gt, radius).tolist() == [_reference_matching(s, gt, radius) for s in sets]
 
 
-def test_incremental_equals_separate_matchings_on_thinned_thresholds() -> None:
+@pytest.mark.parametrize("protocol", sorted(EDGE_PROTOCOLS))
+def test_incremental_equals_separate_matchings_on_thinned_thresholds(protocol: str) -> None:
     soft, gt = _scene(2)
-    levels = thinned_levels(quantize(edge_nms(soft)), threshold_levels(99))
+    chosen = EDGE_PROTOCOLS[protocol]
+    levels = thinned_levels(chosen.values(soft), np.array(chosen.thresholds), chosen.strict)
     radius = 0.011 * np.hypot(*gt.shape)
     assert any(np.setdiff1d(a, b).size for a, b in zip(levels, levels[1:], strict=False))  # not nested
     assert exact_counts(levels, gt, radius).tolist() == [_reference_matching(level, gt, radius) for level in levels]
+
+
+def test_missing_kernel_says_how_to_build_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "densemtl.metrics._boundary_core", None)
+    with pytest.raises(UserError, match=r"pip install -e \."):
+        core()
+
+
+def test_kernels_reject_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="increasing"):
+        core().match_levels(np.zeros(1, np.int64), np.array([0, 1]), np.array([3, 2]), 2, 2, 1.0)
+    with pytest.raises(ValueError, match="outside"):
+        core().thin_levels(np.array([7], np.int64), np.array([1]), 2, 2)
+    with pytest.raises(TypeError, match="contiguous array"):
+        core().thin_levels(np.array([0.5]), np.array([1]), 2, 2)
 
 
 def _line_maps(offset: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +176,7 @@ def _line_maps(offset: int) -> tuple[np.ndarray, np.ndarray]:
 def test_line_within_and_outside_tolerance(offset: int, max_dist: float, expected: float) -> None:
     # radius = max_dist x diagonal (72.1 px): 2.2 px for 0.03 (one pixel off matches), 0.54 px for 0.0075
     pred, gt = _line_maps(offset)
-    metric = BoundaryMetric(max_dist=max_dist, thresholds=99)
+    metric = BoundaryMetric(max_dist=max_dist)
     metric.update(pred[None, None], gt[None, None])
     result = metric.compute()
     assert result["odsF"] == pytest.approx(expected)

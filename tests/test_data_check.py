@@ -12,6 +12,9 @@ from PIL import Image
 from densemtl.cli import main
 from densemtl.data import check
 from densemtl.data.check import check_dataset
+from densemtl.engine.run import run_training
+from densemtl.errors import DataError
+from tests.conftest import tiny_config
 from tests.dataset_fixtures import NYUD_LAYOUTS, write_nyud, write_pascal
 
 
@@ -84,3 +87,24 @@ def test_not_a_dataset(tmp_path: Path) -> None:
     assert "neither NYUD-v2" in check_dataset(tmp_path)[0]
     assert "not found" in check_dataset(tmp_path / "absent")[0]
     assert main(["data", "check", str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_nan_in_a_target_is_named_by_data_check_and_by_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture, workers: int
+) -> None:
+    """An edge map's range test lets NaN through; the loss would then report a divergence, not the file."""
+    root = tmp_path / "nyud"
+    write_nyud(root, layout="NYUD_MT", splits={"train": 4, "val": 2})
+    for name, value in (("train_001", np.nan), ("val_000", np.inf)):
+        edge = np.load(root / "edge" / f"{name}.npy")
+        edge[3, 4] = value
+        np.save(root / "edge" / f"{name}.npy", edge)
+    problems = check_dataset(root)
+    assert problems == [f"{root / 'edge' / name}.npy: edge target holds NaN or infinite values (1 of 768)"
+                        for name in ("train_001", "val_000")]
+    config = tiny_config(tmp_path, "data.dataset=nyud", f"data.root={root}", "data.tasks=[semseg,edge]",
+                         "data.batch_size=2", f"data.num_workers={workers}")
+    with pytest.raises(DataError) as info:
+        run_training(config)
+    assert str(info.value) == problems[0]  # one line, also when a data worker found it

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from densemtl.engine import distributed
 from densemtl.engine.checkpoint import load_checkpoint
 from densemtl.engine.distributed import DistInfo, ResumableSampler
 from densemtl.tasks import Task
-from tests.conftest import make_trainer, read_log, tiny_config
+from tests.conftest import densemtl_process, kill_when, make_trainer, read_log, tiny_config
 
 OVERRIDES = ["data.tasks=[semseg,depth]", "data.flip=false", "train.steps=3", "train.lr=1e-2", "train.warmup_steps=0"]
 PER_RANK_BATCH = 2
@@ -118,29 +117,28 @@ def test_environment_and_helpers_in_a_single_process(monkeypatch: pytest.MonkeyP
 
 
 def test_torchrun_trains_and_resumes_through_the_command_line(tmp_path: Path) -> None:
-    """``torchrun --nproc_per_node=2 densemtl train``: rank 0 writes the run, both ranks stop at the end,
-    and ``--resume`` continues the same run under torchrun."""
+    """``torchrun --nproc_per_node=2 densemtl train``: rank 0 writes the run; killed (SIGKILL to every process)
+    once a checkpoint exists, ``--resume`` under torchrun continues the same run to its end."""
     run_dir = tmp_path / "run"
     overrides = [
         "data.synthetic.height=32", "data.synthetic.width=48", "data.synthetic.num_train=8",
         "data.synthetic.num_val=2", "data.synthetic.num_test=2", f"data.synthetic.cache_dir={tmp_path / 'cache'}",
         "data.tasks=[semseg,depth]", "data.batch_size=2", "model.neck_channels=8", "model.head_channels=8",
         "train.device=cpu", "train.warmup_steps=0", "train.log_every=1", "train.eval_every=2",
-        "train.checkpoint_every=2", "eval.boundary_thresholds=5",
+        "train.checkpoint_every=2", "eval.boundary_thresholds=5", "train.steps=4",
     ]
 
-    def torchrun(steps: int, *extra: str) -> None:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "-m", "densemtl.cli", "train", "configs/synthetic.yaml", "--out", str(run_dir), *extra,
-                   *overrides, f"train.steps={steps}"]
-        done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+    def torchrun(*extra: str) -> subprocess.Popen:
+        return densemtl_process(
+            "train", "configs/synthetic.yaml", "--out", str(run_dir), *extra, *overrides,
+            launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "densemtl.cli"),
+        )
 
-    torchrun(2)
-    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 2
-    torchrun(4, "--resume")
-    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    last = run_dir / "checkpoints" / "last.pt"
+    kill_when(torchrun(), last.exists)
+    assert load_checkpoint(last)["step"] in (2, 4)
+    assert torchrun("--resume").wait(timeout=600) == 0, (tmp_path / "run.stderr").read_text()[-3000:]
+    state = load_checkpoint(last)
     assert state["step"] == 4 and state["data_position"] == {"epoch": 1, "batch": 2}  # 2 batches per epoch and rank
     assert [r["step"] for r in read_log(run_dir)] == [1, 2, 3, 4]  # one writer, continued on resume
     assert (run_dir / "results.json").is_file()

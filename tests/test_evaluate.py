@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 from torch import nn
 
+from densemtl.cli import main
 from densemtl.config import DataConfig, load_config, to_dict
 from densemtl.data import build_dataset
 from densemtl.dataset_info import DatasetInfo
 from densemtl.engine.checkpoint import info_to_dict, save_checkpoint
 from densemtl.engine.evaluate import (
+    _check_prediction,
     build_metrics,
     compute_all,
     evaluate_checkpoint,
@@ -218,3 +221,86 @@ def test_checkpoint_and_saved_predictions_agree(tmp_path: Path) -> None:
     from_disk = evaluate_predictions(tmp_path / "pred", "synthetic", None, split="val", synthetic=config.data.synthetic)
     for name in tasks:
         assert from_disk[name] == pytest.approx(from_checkpoint[name], rel=1e-6), name
+
+
+def test_non_finite_predictions_are_named_per_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN or infinity in any task's prediction, class maps read as floats included, is one line per file."""
+    expected = write_nyud(tmp_path / "nyud", layout="NYUD_MT", splits={"train": 1, "val": 3})
+    names = sorted(expected["val"])
+    semseg = build_tasks(["semseg"], DatasetInfo("toy", ("semseg",), num_classes={"semseg": 40}))["semseg"]
+    target = torch.zeros(24, 32, dtype=torch.long)
+    for value in (float("nan"), float("inf")):
+        labels = torch.zeros(24, 32)
+        labels[2, 3] = value
+        problem = _check_prediction(semseg, Path("other/semseg/a.npy"), labels, target)
+        assert problem == "other/semseg/a.npy: holds NaN or infinite values (1 of 768)"
+    for index, name in enumerate(names):
+        depth = expected["val"][name]["depth"].copy()
+        normals = expected["val"][name]["normals"].transpose(1, 2, 0).copy()
+        if index < 2:
+            (depth if index == 0 else normals)[5, 6] = np.nan
+        for task, array in (("depth", depth), ("normals", normals)):
+            (tmp_path / "pred" / task).mkdir(parents=True, exist_ok=True)
+            np.save(tmp_path / "pred" / task / f"{name}.npy", array.astype(np.float32))
+    argv = ["evaluate", "--predictions", str(tmp_path / "pred"), "--dataset", "nyud", "--root", str(tmp_path / "nyud")]
+    assert main([*argv, "--all-errors"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "2 bad prediction file(s)" in err
+    assert f"depth/{names[0]}.npy: holds NaN or infinite values (1 of 768)" in err
+    assert f"normals/{names[1]}.npy: holds NaN or infinite values (3 of 2304)" in err
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "densemtl: error" in line]
+    assert lines == [f"densemtl: error: {tmp_path}/pred/depth/{names[0]}.npy: holds NaN or infinite values (1 of 768)"]
+
+
+def _noisy_predictions(root: Path, expected: dict, seed: int = 0) -> None:
+    """Imperfect predictions of every NYUD task (a few negative depths, blurred noisy boundary maps)."""
+    rng = np.random.default_rng(seed)
+    info = build_dataset(DataConfig(dataset="nyud", root=str(root / "nyud"), tasks=TASKS), "val", train=False).info
+    tasks = build_tasks(TASKS, info)
+    for image_name, frame in expected["val"].items():
+        shape = frame["semseg"].shape
+        edge = np.clip(ndimage.gaussian_filter(frame["edge"], 1.0) * 2 + 0.2 * rng.random(shape), 0, 1)
+        values = {
+            "semseg": np.where(rng.random(shape) < 0.7, np.where(frame["semseg"] == 255, 0, frame["semseg"]),
+                               rng.integers(0, 40, size=shape)),
+            "depth": (frame["depth"] + rng.normal(scale=0.3, size=shape))[None].astype(np.float32),
+            "normals": frame["normals"] + rng.normal(scale=0.2, size=frame["normals"].shape).astype(np.float32),
+            "edge": edge.astype(np.float32),
+        }
+        for name, task in tasks.items():
+            (root / "pred" / name).mkdir(parents=True, exist_ok=True)
+            task.save(torch.from_numpy(values[name]), root / "pred" / name / image_name)
+
+
+def test_worker_processes_give_the_same_figures(tmp_path: Path) -> None:
+    expected = write_nyud(tmp_path / "nyud", layout="NYUDv2", splits={"train": 1, "val": 5})
+    _noisy_predictions(tmp_path, expected)
+    runs = {
+        (protocol, workers): evaluate_predictions(tmp_path / "pred", "nyud", tmp_path / "nyud", split="val",
+                                                  edge_protocol=protocol, workers=workers)
+        for protocol in ("seism-hed", "invpt") for workers in (1, 2)
+    }
+    for protocol in ("seism-hed", "invpt"):
+        assert runs[protocol, 1] == runs[protocol, 2]  # identical, not just close
+    assert runs["seism-hed", 1]["edge"] != runs["invpt", 1]["edge"]
+    assert 0 < runs["seism-hed", 1]["edge"]["odsF"] < 100
+    with pytest.raises(UserError, match="--workers must be at least 1"):
+        evaluate_predictions(tmp_path / "pred", "nyud", tmp_path / "nyud", split="val", workers=0)
+
+
+def test_command_line_chooses_the_edge_protocol_and_workers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from densemtl.cli import main
+
+    expected = write_nyud(tmp_path / "nyud", layout="NYUDv2", splits={"train": 1, "val": 2})
+    _noisy_predictions(tmp_path, expected)
+    common = ["evaluate", "--predictions", str(tmp_path / "pred"), "--dataset", "nyud",
+              "--root", str(tmp_path / "nyud")]
+    assert main([*common, "--edge-protocol", "mtlpt", "--workers", "2", "--out", str(tmp_path / "m.json")]) == 0
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert written["evaluation"]["eval"]["edge_protocol"] == "mtlpt"
+    assert written["results"] == evaluate_predictions(tmp_path / "pred", "nyud", tmp_path / "nyud",
+                                                      edge_protocol="mtlpt", workers=1)
+    capsys.readouterr()
+    assert main([*common, "--workers", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "densemtl: error: --workers must be at least 1, got 0"

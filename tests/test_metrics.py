@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from densemtl.config import EvalConfig
+from densemtl.config import EvalConfig, load_config
 from densemtl.dataset_info import DatasetInfo
-from densemtl.errors import DataError
+from densemtl.errors import ConfigError, DataError
 from densemtl.metrics.base import CountMetric, Metric
 from densemtl.metrics.boundary import BoundaryMetric
 from densemtl.metrics.delta_m import delta_m, load_baselines, load_results
@@ -67,6 +67,17 @@ def test_depth_hand_computed() -> None:
     assert (result["delta1"], result["delta2"], result["delta3"]) == pytest.approx((50.0, 50.0, 50.0))
 
 
+def test_negative_depth_is_clamped_before_every_figure() -> None:
+    metric = DepthMetric()
+    metric.update(torch.tensor([-3.0, 2.0]).reshape(1, 1, 1, 2), torch.tensor([1.0, 2.0]).reshape(1, 1, 1, 2))
+    result = metric.compute()
+    # the prediction counts as 1e-9 m (not -3 m): errors 1 - 1e-9 and 0
+    assert result["rmse"] == pytest.approx(math.sqrt((1 - 1e-9) ** 2 / 2), rel=1e-12)
+    assert result["abs_rel"] == pytest.approx((1 - 1e-9) / 2, rel=1e-12)
+    assert result["log10"] == pytest.approx(9 / 2)
+    assert result["delta3"] == pytest.approx(50.0)
+
+
 def test_normals_hand_computed() -> None:
     metric = NormalsMetric()
     target = torch.tensor([[0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 0]], dtype=torch.float32)
@@ -101,7 +112,28 @@ def test_saliency_hand_computed() -> None:
     result = metric.compute()
     # best threshold in (0.62, 0.92]: one pixel predicted, correct: P = 1, R = 0.5
     assert result["maxF"] == pytest.approx(100 * 1.3 * 0.5 / (0.3 + 0.5))
-    assert result["mIoU"] == pytest.approx(100 / 3)  # {0.92, 0.62} vs {0.92, 0.32}
+    # mIoU: p > t for t = 0.2, 0.25, .., 0.9; best at t < 0.32: {0.92, 0.62, 0.32} vs {0.92, 0.32}
+    assert result["mIoU"] == pytest.approx(200 / 3)
+
+
+def test_saliency_miou_is_the_best_mean_of_per_image_ious() -> None:
+    metric = SaliencyMetric()
+    pred = torch.tensor([[0.5, 0.5, 0.1, 0.1], [0.95, 0.0, 0.0, 0.0]]).reshape(2, 1, 1, 4)
+    target = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]).reshape(2, 1, 1, 4)
+    metric.update(pred, target)
+    # t < 0.5: IoU 1 and 0 (a salient pixel where there is none); t >= 0.5: 0 and 0. Pooled counts would give 2/3.
+    assert metric.compute()["mIoU"] == pytest.approx(50.0)
+    empty = SaliencyMetric()
+    empty.update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    assert empty.compute()["mIoU"] == pytest.approx(100.0)  # nothing salient in either: IoU 1
+
+
+def test_saliency_miou_compares_single_precision_strictly() -> None:
+    # 0.2 is a threshold; as float32 both are the same number, so "p > t" does not hold there (in double
+    # precision float32(0.2) = 0.2000000030 would exceed 0.2 and the IoU at t = 0.2 would be 1)
+    metric = SaliencyMetric()
+    metric.update(torch.tensor([0.2, 0.1]).reshape(1, 1, 1, 2), torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2))
+    assert metric.compute()["mIoU"] == 0.0
 
 
 def _random_batch(rng: np.random.Generator, n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -232,3 +264,13 @@ def test_delta_m_sign_convention(tmp_path) -> None:
         load_results(tmp_path / "bad.json")
     with pytest.raises(DataError, match="no 'rmse' for task 'depth'"):
         delta_m(results, {"semseg": {"mIoU": 40.0}})
+
+
+def test_delta_m_takes_saliency_maxf_or_miou() -> None:
+    results = {"saliency": {"maxF": 88.0, "mIoU": 60.0}}
+    baselines = {"saliency": {"maxF": 80.0, "mIoU": 75.0}}
+    assert delta_m(results, baselines) == pytest.approx(10.0)  # maxF by default
+    assert delta_m(results, baselines, eval_config=EvalConfig()) == pytest.approx(10.0)
+    assert delta_m(results, baselines, eval_config=EvalConfig(delta_m_saliency="mIoU")) == pytest.approx(-20.0)
+    with pytest.raises(ConfigError, match="eval.delta_m_saliency"):
+        load_config(None, ["eval.delta_m_saliency=F"])

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
-from densemtl.config import Config, ModelConfig
+from densemtl.config import Config, ModelConfig, load_config
 from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import ConfigError
 from densemtl.models import build_model
@@ -29,6 +33,7 @@ PASCAL = DatasetInfo(
 )
 SYNTHETIC = DatasetInfo("synthetic", ("semseg", "depth", "normals", "edge", "saliency"), num_classes={"semseg": 8})
 SMALL = {"neck_channels": 16, "head_channels": 16}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_family_has_tiny_test_args() -> None:
@@ -182,3 +187,28 @@ def test_model_trains_on_a_fixed_batch() -> None:
         optimizer.step()
     last = {name: value.item() for name, value in losses().items()}
     assert all(last[name] < first[name] for name in tasks), (first, last)
+
+
+def test_every_backbone_named_in_the_readme_builds_with_its_defaults() -> None:
+    """The README's examples as a user types them: no ``backbone_args`` (the tiny test arguments above once
+    hid a ConvNeXt failure under ``transformers`` 5, whose defaults are tuples)."""
+    names = sorted(set(re.findall(r"model\.backbone=([\w.-]+)", (ROOT / "README.md").read_text())))
+    assert "convnext" in names
+    for name in names:
+        config = load_config(None, [f"model.backbone={name}", "data.tasks=[semseg,depth]"])
+        model = build_model(config, SYNTHETIC, build_tasks(config.data.tasks, SYNTHETIC))
+        with torch.no_grad():
+            pred = model(torch.zeros(1, 3, 32, 48))["pred"]
+        assert {task: tuple(value.shape) for task, value in pred.items()} == {
+            "semseg": (1, 8, 32, 48), "depth": (1, 1, 32, 48)}, name
+
+
+def test_runtime_dependencies_are_bounded_to_the_major_versions_tested() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    requirements = pytest.importorskip("packaging.requirements")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for line in project["dependencies"]:
+        requirement = requirements.Requirement(line)
+        assert any(spec.operator == "<" for spec in requirement.specifier), f"{line}: no upper bound"
+        installed = importlib.metadata.version(requirement.name)
+        assert requirement.specifier.contains(installed, prereleases=True), f"{line}: installed {installed}"

@@ -17,6 +17,7 @@ from densemtl.data import build_dataset
 from densemtl.data.pascal import NORMALS_VALID_CONTEXT_IDS, VOC_CLASS_NAMES, PascalContextDataset, label_boundaries
 from densemtl.data.pascal_parts import PART_CLASS_NAMES, load_human_parts, read_part_objects
 from densemtl.errors import DataError
+from densemtl.metrics.edge_protocols import seism_boundaries
 from tests.dataset_fixtures import NORMALS_VALID_CONTEXT, write_part_mat, write_pascal
 
 TASKS = ["semseg", "human_parts", "normals", "saliency", "edge"]
@@ -72,7 +73,7 @@ def test_normals_only_on_nyud_classes(folder: tuple[Path, dict]) -> None:
 
 def test_edges_are_thinned_labelmap_laplacian(folder: tuple[Path, dict]) -> None:
     root, expected = folder
-    raw = _dataset(root).load_raw(1)
+    raw = PascalContextDataset(DataConfig(dataset="pascal", root=str(root), tasks=TASKS), "val", True).load_raw(1)
     labelmap = expected["val"][raw["meta"]["name"]]["labelmap"].astype(np.float64)
     # the same definition through scipy: 4-neighbour Laplacian with mirrored (OpenCV default) borders
     reference = thin(scipy.ndimage.laplace(labelmap, mode="mirror") != 0).astype(np.float32)
@@ -87,6 +88,14 @@ def test_edges_are_thinned_labelmap_laplacian(folder: tuple[Path, dict]) -> None
     assert edge.any() and not (edge & ~changes).any()
     assert edge[:, 0].sum() == 1  # the floor/wall border (horizontal, left column) is one pixel thick
     assert label_boundaries(np.full((5, 6), 7)).sum() == 0
+
+
+def test_evaluation_scores_edges_against_seism_ground_truth(folder: tuple[Path, dict]) -> None:
+    root, expected = folder
+    raw = _dataset(root).load_raw(1)  # an evaluation dataset
+    labelmap = expected["val"][raw["meta"]["name"]]["labelmap"]
+    np.testing.assert_array_equal(raw["edge"][0], seism_boundaries(labelmap))
+    assert not np.array_equal(raw["edge"][0], label_boundaries(labelmap))  # not the training target
 
 
 def test_image_without_person_parts_is_all_ignore(folder: tuple[Path, dict]) -> None:

@@ -15,7 +15,7 @@ from densemtl.data import build_dataset
 from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import load_model
 from densemtl.engine.evaluate import evaluate_model, evaluate_predictions
-from densemtl.engine.predict import predict_images
+from densemtl.engine.predict import predict_images, read_image
 from densemtl.errors import DataError, UserError
 from tests.conftest import make_trainer, tiny_config
 
@@ -102,3 +102,28 @@ def test_bad_inputs_are_named(trained: tuple[Path, Path, list[Path]], tmp_path: 
         predict_images(checkpoint, [images[0], twin], tmp_path / "out", device="cpu")
     with pytest.raises(UserError, match="nothing.pt: checkpoint not found"):
         predict_images(tmp_path / "nothing.pt", images, tmp_path / "out", device="cpu")
+
+
+def test_exif_orientation_is_honoured(trained: tuple[Path, Path, list[Path]], tmp_path: Path) -> None:
+    """A phone picture stored sideways with orientation 6 (turn 90 degrees clockwise) is predicted upright."""
+    checkpoint, _, images = trained
+    upright = np.array(Image.open(images[0]).convert("RGB"))  # 32 x 48
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))  # as the camera wrote it: 48 x 32
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    assert np.array_equal(read_image(tmp_path / "phone.png"), upright)
+    predict_images(checkpoint, [tmp_path / "phone.png"], tmp_path / "out", device="cpu")
+    assert np.load(tmp_path / "out" / "depth" / "phone.npy").shape == upright.shape[:2]
+
+
+def test_16_bit_grey_images_are_scaled_to_8_bits(trained: tuple[Path, Path, list[Path]], tmp_path: Path) -> None:
+    checkpoint, _, _ = trained
+    grey = (np.arange(32 * 48).reshape(32, 48) * 42).astype(np.uint16)  # 0 .. 64470
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    rgb = read_image(tmp_path / "grey16.png")
+    expected = np.rint(grey / 257.0).astype(np.uint8)
+    assert rgb.shape == (32, 48, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    assert rgb.max() == 251 and len(np.unique(rgb)) > 200  # scaled, not clipped at 255
+    predict_images(checkpoint, [tmp_path / "grey16.png"], tmp_path / "out", device="cpu")
+    assert np.array_equal(np.array(Image.open(tmp_path / "out" / "panels" / "grey16.png"))[:, :48], rgb)

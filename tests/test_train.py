@@ -9,15 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from densemtl.cli import main
+from densemtl.config import to_dict
 from densemtl.data import build_dataset
-from densemtl.engine.checkpoint import load_checkpoint
+from densemtl.engine.checkpoint import load_checkpoint, load_model, nonfinite_tensors
 from densemtl.engine.objective import Objective, to_target_size
+from densemtl.engine.predict import predict_images
 from densemtl.engine.schedule import lr_factor
 from densemtl.engine.trainer import Trainer, parameter_groups
-from densemtl.errors import ConfigError, TrainingDiverged
+from densemtl.errors import ConfigError, TrainingDiverged, UserError
 from densemtl.losses.balancers import build_balancer
 from densemtl.tasks import DepthTask, build_tasks
 from tests.conftest import make_trainer, read_log, tiny_config
@@ -224,3 +229,123 @@ def test_network_and_objective_gradients_are_clipped_apart(tmp_path: Path) -> No
     balancer = [p.grad for p in trainer.objective.parameters() if p.grad is not None]
     assert balancer and torch.linalg.vector_norm(torch.stack([g.norm() for g in balancer])) > 0
     assert network.item() == pytest.approx(clip, rel=1e-3)
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity forward; an infinite gradient backward (a finite loss whose gradient is not)."""
+
+    @staticmethod
+    def forward(ctx: object, value: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(grad, float("inf"))
+
+
+class PoisonAt:
+    """A loss hook adding a zero term whose gradient is infinite when the trainer is at ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.trainer: Trainer | None = None
+
+    def __call__(self, model: nn.Module, output: dict, batch: dict) -> dict[str, torch.Tensor]:
+        if self.trainer is None or self.trainer.step != self.step:
+            return {}
+        return {"poison": InfiniteGradient.apply(output["pred"]["depth"]).mean() * 0}
+
+
+def _predicts_finite(checkpoint: Path, tmp_path: Path) -> bool:
+    """``densemtl predict`` on two validation frames writes finite maps (and the model's raw outputs are)."""
+    loaded = load_model(checkpoint)
+    frames = build_dataset(loaded.config.data, "val", train=False).arrays["image"][:2]
+    images = []
+    for index, frame in enumerate(frames):
+        images.append(tmp_path / "frames" / f"f{index}.png")
+        images[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(frame).save(images[-1])
+    predict_images(checkpoint, images, tmp_path / "predicted", device="cpu")
+    depth = [np.load(path) for path in sorted((tmp_path / "predicted" / "depth").glob("*.npy"))]
+    raw = loaded.model(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255)["pred"]
+    return len(depth) == 2 and all(np.isfinite(d).all() for d in depth) and not nonfinite_tensors(raw)
+
+
+def test_a_non_finite_gradient_stops_before_the_step_and_every_checkpoint_stays_finite(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "train.checkpoint_every=1", "train.eval_every=2")
+    hook = PoisonAt(3)
+    trainer = make_trainer(config, loss_hook=hook, evaluator=rng_hungry_evaluator)
+    hook.trainer = trainer
+    with pytest.raises(TrainingDiverged, match=r"non-finite gradient after step 3 \(first in '.+'\).*step 3\) is kept"):
+        trainer.fit()
+    run = Path(config.out_dir)
+    last, best = (load_checkpoint(run / "checkpoints" / name) for name in ("last.pt", "best.pt"))
+    assert last["step"] == 3 and best["step"] == 2
+    assert nonfinite_tensors(last) == [] and nonfinite_tensors(best) == []
+    # the poisoned step was never taken (its forward pass did update the BatchNorm statistics)
+    assert all(torch.equal(last["model"][name], param) for name, param in trainer.model.named_parameters())
+    assert _predicts_finite(run / "checkpoints" / "last.pt", tmp_path)
+
+
+def test_a_huge_learning_rate_exits_3_and_leaves_no_checkpoint_that_predicts_nan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(to_dict(tiny_config(tmp_path, "train.steps=20", "train.checkpoint_every=1"))))
+    assert main(["train", str(config), "train.lr=1e6"]) == 3
+    for checkpoint in (tmp_path / "run").rglob("*.pt"):
+        assert nonfinite_tensors(load_checkpoint(checkpoint)) == [], checkpoint
+        assert _predicts_finite(checkpoint, tmp_path / checkpoint.stem), checkpoint
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "densemtl: error" in line]  # after the progress bars
+    assert len(errors) == 1 and "NaN or infinite" in errors[0] and "Traceback" not in err
+
+
+def test_with_fp16_scaling_a_non_finite_gradient_skips_the_step_as_the_scaler_decides(tmp_path: Path) -> None:
+    hook = PoisonAt(1)
+    trainer = make_trainer(tiny_config(tmp_path), loss_hook=hook)
+    hook.trainer = trainer
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)  # fp16 scaling, which the CPU refuses in configs
+    trainer.train_step()
+    before = [param.detach().clone() for param in trainer.model.parameters()]
+    trainer.train_step()  # poisoned: the scaler skips it and halves its scale, training goes on
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    assert trainer.scaler.get_scale() == 128.0 and trainer.step == 2
+    trainer.train_step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+
+
+def test_resume_drops_the_log_lines_after_the_checkpoint(tmp_path: Path) -> None:
+    """Killed at step 5 with a checkpoint at 3: steps 4 and 5 are trained again and logged once."""
+    config = tiny_config(tmp_path, "train.checkpoint_every=3", "train.eval_every=3")
+    hook = StopAt(5)
+    first = make_trainer(config, loss_hook=hook, evaluator=rng_hungry_evaluator)
+    hook.trainer = first
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    run = Path(config.out_dir)
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5]
+    with open(run / "log.jsonl", "a") as stream:
+        stream.write('{"kind": "train", "st')  # a line cut short by the kill
+    make_trainer(config, evaluator=rng_hungry_evaluator).fit(resume=True)
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_log(run, "val")] == [3, 6]
+    events = EventAccumulator(str(run / "tensorboard"))  # TensorBoard's reader drops the purged steps
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss/total")] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.steps=8", "train.steps (6 in the run, 8 in the config)"),
+        ("train.lr=0.5", "train.lr (0.001 in the run, 0.5 in the config)"),
+        ("train.warmup_steps=0", "train.warmup_steps (2 in the run, 0 in the config)"),
+    ],
+)
+def test_resume_refuses_another_schedule(tmp_path: Path, override: str, needle: str) -> None:
+    make_trainer(tiny_config(tmp_path, "train.checkpoint_every=2", "train.steps=6"), loss_hook=StopAt(None)).fit()
+    resumed = make_trainer(tiny_config(tmp_path, override))
+    with pytest.raises(UserError, match="keeps the schedule it started with") as info:
+        resumed.fit(resume=True)
+    assert needle in str(info.value) and "\n" not in str(info.value)

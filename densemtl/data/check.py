@@ -4,10 +4,10 @@ Detects the dataset (the first :class:`FolderDataset` of the DATASETS table whos
 ``root`` holds) and its layout, counts the samples of every split and the files of every task, opens
 every file (``quick``: an evenly spaced sample per split) with the training loaders, and checks what
 would otherwise fail or silently skew a run: unreadable files, targets whose size differs from the
-image, label values out of range, values their task finds implausible (:meth:`Task.target_problems`:
-normals off unit length, depth in millimetres, edges outside [0, 1]), names listed twice or in two
-splits. Prints a summary table, then one line per problem naming the file; returns the problems (the
-CLI exits 1 when there are any).
+image, NaN or infinite target values, label values out of range, values their task finds implausible
+(:meth:`Task.target_problems`: normals off unit length, depth in millimetres, edges outside [0, 1]),
+names listed twice or in two splits. Prints a summary table, then one line per problem naming the file;
+returns the problems (the CLI exits 1 when there are any).
 """
 
 from __future__ import annotations

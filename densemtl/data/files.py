@@ -11,7 +11,7 @@ counts it in a log message).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -114,6 +114,8 @@ class FolderDataset(DenseDataset):
 
     markers: ClassVar[tuple[str, ...]]  # sub-folders (relative paths) of which one identifies the dataset
     task_sources: ClassVar[dict[str, str]] = {}  # task -> source key, where the task's file is another
+    # task -> its evaluation target from (training target, per-sample cache), where the two differ
+    evaluation_targets: ClassVar[dict[str, Callable[[np.ndarray, dict[str, Any]], np.ndarray]]] = {}
 
     def __init__(self, data_config: DataConfig, split: str, train: bool) -> None:
         if not data_config.root:
@@ -139,6 +141,7 @@ class FolderDataset(DenseDataset):
         if not self.names:
             raise DataError(f"{self.split_file(self.root, split)}: no sample of split '{split}' has all its files")
         self.files = [files[name] for name in self.names]
+        self.train = train
         self.transform = build_transform(data_config, train=train)
         self.info = self.dataset_info(self.tasks)
         self.skipped = 0
@@ -204,24 +207,31 @@ class FolderDataset(DenseDataset):
     def read_task(
         cls, task: str, files: dict[str, Path], size: tuple[int, int], cache: dict[str, Any]
     ) -> np.ndarray:
-        """:meth:`read_target`, checked to have the image's height and width ``size``."""
+        """:meth:`read_target`, checked to have the image's height and width ``size`` and no NaN or infinity
+        (which would reach the loss as a divergence instead of naming the file)."""
         target = cls.read_target(task, files, size, cache)
+        path = files[cls.task_sources.get(task, task)]
         if tuple(target.shape[-2:]) != tuple(size):
-            path = files[cls.task_sources.get(task, task)]
             raise DataError(
                 f"{path}: {task} target is {target.shape[-2]}x{target.shape[-1]}, "
                 f"the image {files['image'].name} is {size[0]}x{size[1]}"
             )
+        if np.issubdtype(target.dtype, np.floating) and not np.isfinite(target).all():
+            count = int((~np.isfinite(target)).sum())
+            raise DataError(f"{path}: {task} target holds NaN or infinite values ({count} of {target.size})")
         return target
 
     def load_raw(self, index: int) -> dict[str, Any]:
-        """Sample ``index`` decoded but not transformed (the raw format of :mod:`densemtl.data.transforms`)."""
+        """Sample ``index`` decoded but not transformed (the raw format of :mod:`densemtl.data.transforms`);
+        an evaluation dataset (``train=False``) holds the evaluation targets."""
         files = self.files[index]
         image = read_rgb(files["image"])
         cache: dict[str, Any] = {}
         raw: dict[str, Any] = {"image": image}
         for task in self.tasks:
             raw[task] = self.read_task(task, files, image.shape[:2], cache)
+            if not self.train and task in self.evaluation_targets:
+                raw[task] = self.evaluation_targets[task](raw[task], cache)
         raw["meta"] = {"name": self.names[index]}
         return raw
 

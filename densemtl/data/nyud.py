@@ -15,7 +15,8 @@ The layout is detected from the image files. Each file is looked up with the lay
 first and the other one second, so a folder mixing both (or depth as a 16-bit PNG in millimetres)
 still loads. Conventions: semseg file value 0 (void) -> 255, 1..40 -> 0..39; depth 0 = no
 measurement (non-finite or negative values are treated as 0); normals all-zero = invalid; edge in
-[0, 1]. Evaluation runs at the native size (``train=False`` leaves samples unresized).
+[0, 1]. Evaluation runs at the native size (``train=False`` leaves samples unresized) and scores
+boundaries against SEISM's ground truth ``thin(seg2bmap(edge))`` of the stored map.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from densemtl.config import DataConfig
 from densemtl.data.files import FolderDataset, as_label_map, read_image_file, read_npy
 from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import DataError
+from densemtl.metrics.edge_protocols import seism_boundaries
 from densemtl.tasks import DepthTask, EdgeTask, NormalsTask
 
 NYUD_CLASS_NAMES = [
@@ -115,6 +117,8 @@ class NYUDDataset(FolderDataset):
     title = "NYUD-v2"
     supported_tasks = ("semseg", "depth", "normals", "edge")
     markers = ("gt_sets",)
+    # boundaries are scored against SEISM's thin(seg2bmap(stored edge map)), as its db_gt.m feeds it
+    evaluation_targets = {"edge": lambda target, cache: seism_boundaries(target[0])[None]}
 
     def __init__(self, data_config: DataConfig, split: str, train: bool) -> None:
         super().__init__(data_config, split, train)

@@ -14,10 +14,12 @@ edge            ``pascal-context/trainval/<name>.mat``         thinned ``LabelMa
 
 Splits: ``ImageSets/Context/<split>.txt``.
 
-Edges, as the field computes them: the 4-neighbour Laplacian of ``LabelMap`` (kernel
-``[[0,1,0],[1,-4,1],[0,1,0]]``, reflected borders without repeating the edge pixel, as OpenCV's
-default) is non-zero where a pixel's label differs from its neighbours in a way that does not
-cancel out; those pixels are thinned to one-pixel-wide lines (``skimage.morphology.thin``).
+Edges for training, as the field's loaders compute them: the 4-neighbour Laplacian of ``LabelMap``
+(kernel ``[[0,1,0],[1,-4,1],[0,1,0]]``, reflected borders without repeating the edge pixel, as
+OpenCV's default) is non-zero where a pixel's label differs from its neighbours in a way that does
+not cancel out; those pixels are thinned to one-pixel-wide lines (``skimage.morphology.thin``).
+Evaluation (``train=False``) scores against what SEISM builds from the same ``LabelMap`` instead:
+``thin(seg2bmap(LabelMap))`` (:func:`densemtl.metrics.edge_protocols.seism_boundaries`).
 
 Normals were distilled from a NYUD-trained network, so the field keeps them only on PASCAL-Context
 classes that NYUD also labels: the ``LabelMap`` ids in :data:`NORMALS_VALID_CONTEXT_IDS`, the classes
@@ -40,6 +42,7 @@ from densemtl.data.files import FolderDataset, as_label_map, check_labels, read_
 from densemtl.data.pascal_parts import PART_CLASS_NAMES, load_human_parts
 from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import DataError
+from densemtl.metrics.edge_protocols import seism_boundaries
 from densemtl.tasks import decode_normals
 
 VOC_CLASS_NAMES = [
@@ -143,6 +146,8 @@ class PascalContextDataset(FolderDataset):
     supported_tasks = ("semseg", "human_parts", "normals", "saliency", "edge")
     markers = ("ImageSets/Context", "JPEGImages")
     task_sources = {"edge": "labelmap"}
+    # boundaries are scored against SEISM's thin(seg2bmap(LabelMap)), not the training edges
+    evaluation_targets = {"edge": lambda target, cache: seism_boundaries(cache["labelmap"])[None]}
 
     @classmethod
     def split_file(cls, root: Path, split: str) -> Path:

@@ -6,13 +6,21 @@ A training checkpoint is a dict with ``config`` (plain dict), ``info`` (the data
 ``data_position`` (``{"epoch", "batch"}``: the next batch to load) and ``best`` (the best-checkpoint
 bookkeeping). Everything in it is a tensor, a number, a string or a list/dict of those, so that loading
 never needs to unpickle arbitrary objects.
+
+Each file also holds ``checksum``, a hash of every tensor's bytes (with its place, dtype and shape), checked
+on load: flipped bytes in the tensor data, which torch's reader does not notice, are refused naming the
+file. A file that cannot be read, lacks an entry its use needs or fails the checksum is a
+:class:`~densemtl.errors.UserError` of one line.
 """
 
 from __future__ import annotations
 
-import pickle
+import hashlib
 import random
-import zipfile
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,28 +35,141 @@ from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import UserError
 from densemtl.tasks import Task
 
+CHECKSUM = "checksum"
+MODEL_ENTRIES = ("config", "info", "model")  # what rebuilding the model needs
+TRAINING_ENTRIES = (*MODEL_ENTRIES, "optimizer", "scheduler", "scaler", "ema", "rng", "step", "data_position", "best")
+_ENTRY_TYPES = {"config": dict, "info": dict, "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict,
+                "rng": list, "step": int, "data_position": dict, "best": dict}
+
+
+def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor inside nested dicts, lists and tuples, in their order."""
+    if torch.is_tensor(tree):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from iter_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            yield from iter_tensors(value, f"{prefix}[{index}]")
+
+
+def tensor_checksum(state: dict[str, Any]) -> str:
+    """A hash of every tensor of ``state`` (but its own ``checksum`` entry): place, dtype, shape and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path, tensor in iter_tensors({key: value for key, value in state.items() if key != CHECKSUM}):
+        digest.update(f"{path}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def nonfinite_tensors(tree: Any) -> list[str]:
+    """Paths of the floating-point tensors in ``tree`` holding NaN or infinity (one device sync per device)."""
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = defaultdict(list)
+    for path, tensor in iter_tensors(tree):
+        if tensor.is_floating_point():
+            by_device[tensor.device].append((path, tensor))
+    bad = []
+    for pairs in by_device.values():
+        finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in pairs]).tolist()
+        bad += [path for (path, _), ok in zip(pairs, finite, strict=True) if not ok]
+    return bad
+
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically: an interrupted write never leaves a truncated ``last.pt``."""
+    """Write ``state`` and its checksum to ``path`` atomically: an interrupted write never leaves a truncated
+    ``last.pt``."""
     path = Path(path)
     with atomic_write(path) as stream:
-        torch.save(state, stream)
+        torch.save({**state, CHECKSUM: tensor_checksum(state)}, stream)
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU; a missing or unreadable file is a :class:`UserError` naming it."""
+def _unreadable_reason(err: Exception) -> str:
+    """The first line of torch's complaint, without its advice to load the file unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "it holds Python objects other than tensors, numbers and strings, which are never unpickled"
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _structure_problem(state: Any, entries: tuple[str, ...]) -> str | None:
+    """Why ``state`` is not a checkpoint with ``entries`` (None when it is)."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a dict of entries"
+    missing = [entry for entry in entries if entry not in state]
+    if "optimizer" in entries and "objective" not in state and "balancer" not in state:
+        missing.append("objective")
+    if missing:
+        return f"no {', '.join(repr(entry) for entry in missing)} entr{'y' if len(missing) == 1 else 'ies'}"
+    for entry in entries:
+        expected = _ENTRY_TYPES.get(entry)
+        if expected is not None and not isinstance(state[entry], expected):
+            return f"its '{entry}' entry is a {type(state[entry]).__name__}, not a {expected.__name__}"
+    tasks = state["info"].get("tasks") if "info" in entries else []
+    if not isinstance(tasks, (list, tuple)) or not all(isinstance(task, str) for task in tasks):
+        return "its 'info' entry names no tasks"
+    return None
+
+
+def load_checkpoint(path: str | Path, entries: tuple[str, ...] = MODEL_ENTRIES) -> dict[str, Any]:
+    """Read a checkpoint on the CPU, check it holds ``entries`` and its checksum; a missing, unreadable,
+    incomplete or damaged file is a :class:`UserError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({first_line})") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise UserError(f"{path}: not a densemtl checkpoint (no 'model' and 'config' entries)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols are no concern of the user
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # whatever the decoder raises, the file is not a readable checkpoint
+        raise UserError(f"{path}: not a readable checkpoint ({_unreadable_reason(err)})") from None
+    problem = _structure_problem(state, entries)
+    if problem is not None:
+        raise UserError(f"{path}: not a densemtl checkpoint ({problem})")
+    saved = state.pop(CHECKSUM, None)  # checkpoints written before checksums have none
+    if saved is not None and saved != tensor_checksum(state):
+        raise UserError(f"{path}: damaged checkpoint: its tensor data does not match the checksum written with it")
     return state
+
+
+# What a run's weights and objective state depend on: a checkpoint does not load into another value.
+MODEL_KEYS = ("data.dataset", "data.tasks", "model", "loss.balancer", "contrastive.enabled")
+# What a run's optimiser, learning-rate schedule and data order were built from: a resumed run keeps them.
+SCHEDULE_KEYS = ("train.lr", "train.weight_decay", "train.schedule", "train.poly_power", "train.warmup_steps",
+                 "train.accumulate", "train.seed", "data.batch_size")
+
+
+def _fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A config as plain data, by ``section.field``."""
+    return {f"{section}.{key}": value for section, fields in config.items() if isinstance(fields, dict)
+            for key, value in fields.items()}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """``"key (X in the run, Y in the config)"`` for every field under ``keys`` that differs (a field the saved
+    config lacks, written before the field existed, is not compared)."""
+    old, new = _fields(saved), _fields(current)
+    return [
+        f"{key} ({old[key]!r} in the run, {new.get(key)!r} in the config)"
+        for key in old
+        if any(key == prefix or key.startswith(f"{prefix}.") for prefix in keys) and old[key] != new.get(key)
+    ]
+
+
+def check_resumable(state: dict[str, Any], config: dict[str, Any], steps: int, steps_key: str, source: str) -> None:
+    """Refuse (one line naming what differs) to resume ``state`` with a config whose model does not fit it or
+    whose schedule differs: the steps, learning rate, warm-up... of a run are those it started with."""
+    differences = config_differences(state["config"], config, MODEL_KEYS)
+    if differences:
+        raise UserError(f"{source}: cannot resume: the checkpoint's model does not fit the config: "
+                        + "; ".join(differences))
+    differences = config_differences(state["config"], config, SCHEDULE_KEYS)
+    if state.get("steps", steps) != steps:
+        differences.insert(0, f"{steps_key} ({state['steps']} in the run, {steps} in the config)")
+    if differences:
+        raise UserError(f"{source}: cannot resume: a run keeps the schedule it started with, and the config changes "
+                        f"{'; '.join(differences)}; resume with the run's values, or train into a new --out folder")
 
 
 def info_to_dict(info: DatasetInfo) -> dict[str, Any]:
@@ -58,8 +179,11 @@ def info_to_dict(info: DatasetInfo) -> dict[str, Any]:
     return data
 
 
-def info_from_dict(data: dict[str, Any]) -> DatasetInfo:
-    return DatasetInfo(**{**data, "tasks": tuple(data["tasks"])})
+def info_from_dict(data: dict[str, Any], source: str | Path = "checkpoint") -> DatasetInfo:
+    try:
+        return DatasetInfo(**{**data, "tasks": tuple(data["tasks"])})
+    except (TypeError, KeyError) as err:
+        raise UserError(f"{source}: the 'info' entry is not a dataset description ({err})") from None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -124,10 +248,14 @@ def model_from_state(
     from densemtl.models import build_model
     from densemtl.tasks import build_tasks
 
-    info = info_from_dict(state["info"])
+    info = info_from_dict(state["info"], path)
     tasks = build_tasks(config.data.tasks, info, config.loss.normals_loss)
     model = build_model(config, info, tasks)
     weights = state["ema"]["model"] if state.get("ema") else state["model"]
+    bad = nonfinite_tensors(weights)
+    if bad:
+        raise UserError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values (first: {bad[0]}); "
+                        "this checkpoint cannot predict")
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

@@ -9,7 +9,8 @@ the result-file format :func:`densemtl.metrics.delta_m.load_results` reads.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,7 @@ def evaluate_checkpoint(
     matcher: str | None = None,
     out: Path | None = None,
     per_class: bool = False,
+    edge_protocol: str | None = None,
 ) -> Results:
     """Evaluate a trained checkpoint (its EMA weights when it has them) on ``split``; prints a table.
 
@@ -175,8 +177,7 @@ def evaluate_checkpoint(
 
     state = load_checkpoint(checkpoint)
     config = _checkpoint_config(state, data_config, overrides)
-    if matcher is not None:
-        config.eval = replace(config.eval, boundary_matcher=matcher)
+    config.eval = _eval_options(config.eval, matcher, edge_protocol)
     dist_info, device = distributed.setup(config.train.device)
     dataset = build_dataset(config.data, split, train=False)
     loaded = model_from_state(state, config, checkpoint, device)
@@ -232,13 +233,12 @@ def _check_prediction(task: Task, path: Path, pred: torch.Tensor, target: torch.
     expected = tuple(target.shape[-2:])
     if tuple(pred.shape[-2:]) != expected:
         return f"{path}: prediction size {tuple(pred.shape[-2:])}, ground truth {expected} (H, W)"
+    if pred.is_floating_point() and not torch.isfinite(pred).all():  # any task's, class maps read as floats too
+        return f"{path}: holds NaN or infinite values ({int((~torch.isfinite(pred)).sum())} of {pred.numel()})"
     if isinstance(task, ClassMapTask):
-        values = np.unique(pred.numpy())
-        bad = values[(values < 0) | (values >= task.num_classes)]
-        if bad.size:
-            return f"{path}: label {int(bad[0])} out of range 0..{task.num_classes - 1}"
-    elif not torch.isfinite(pred).all():
-        return f"{path}: holds NaN or infinite values"
+        bad = pred[(pred < 0) | (pred >= task.num_classes)]
+        if bad.numel():
+            return f"{path}: label {int(bad.min())} out of range 0..{task.num_classes - 1}"
     return None
 
 
@@ -259,6 +259,77 @@ def _prediction_tasks(pred_dir: Path, tasks: list[str] | None) -> list[str]:
     return found
 
 
+def _eval_options(eval_config: EvalConfig, matcher: str | None, edge_protocol: str | None) -> EvalConfig:
+    """``eval_config`` with the boundary matcher and edge protocol given on the command line, if any."""
+    chosen = {"boundary_matcher": matcher, "edge_protocol": edge_protocol}
+    return replace(eval_config, **{key: value for key, value in chosen.items() if value is not None})
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class ScoredImages(Dataset):
+    """Item i: the metrics' counts of image i alone and the problems with its prediction files.
+
+    Every image is scored by fresh metrics; the caller adds the counts in image order, so the figures do
+    not depend on which process scored which image. The metrics are built in the process that uses them.
+    """
+
+    def __init__(
+        self, ground_truth: Dataset, pred_dir: Path, tasks: dict[str, Task], info: DatasetInfo, eval_config: EvalConfig
+    ) -> None:
+        self.ground_truth = ground_truth
+        self.pred_dir = pred_dir
+        self.tasks = tasks
+        self.info = info
+        self.eval_config = eval_config
+        self.metrics: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ground_truth)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.metrics is None:
+            self.metrics = build_metrics(self.tasks, self.info, self.eval_config)
+        try:
+            sample = self.ground_truth[index]
+        except DataError as err:
+            return {"counts": {}, "problems": [], "fatal": str(err)}
+        counts: dict[str, dict[str, torch.Tensor]] = {}
+        problems: list[str] = []
+        for name, task in self.tasks.items():
+            try:
+                path = task.find_file(self.pred_dir / name, sample["meta"]["name"])
+                pred = task.load(path)
+            except DataError as err:
+                problem = str(err)
+            else:
+                problem = _check_prediction(task, path, pred, sample[name])
+            if problem is not None:
+                problems.append(problem)
+                continue
+            metric = self.metrics[name]
+            metric.reset()
+            metric.update(pred[None], sample[name][None])
+            counts[name] = metric.counts
+        return {"counts": counts, "problems": problems, "fatal": None}
+
+
+def _unbatched(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
+def score_images(scored: ScoredImages, workers: int) -> Iterator[dict[str, Any]]:
+    """The items of ``scored`` in order, computed by ``workers`` processes (1: this one)."""
+    if workers == 1:
+        yield from (scored[index] for index in range(len(scored)))
+        return
+    loader = DataLoader(scored, batch_size=None, num_workers=workers, collate_fn=_unbatched, prefetch_factor=4)
+    yield from loader
+
+
 def evaluate_predictions(
     pred_dir: Path,
     dataset: str,
@@ -270,17 +341,23 @@ def evaluate_predictions(
     per_class: bool = False,
     report_all: bool = False,
     synthetic: SyntheticConfig | None = None,
+    edge_protocol: str | None = None,
+    workers: int | None = None,
 ) -> Results:
     """Score predictions saved on disk (``pred_dir/<task>/<image name>.<ext>``) against a dataset split.
 
     Formats are those of :meth:`Task.load` (other codebases' too). A missing prediction, a size
     mismatch or a label out of range raises a DataError naming the file; with ``report_all`` every
-    such file is listed before failing. ``synthetic`` sets the embedded dataset's parameters.
+    such file is listed before failing. ``synthetic`` sets the embedded dataset's parameters. Images are
+    spread over ``workers`` processes (default: the cores available); the figures do not depend on it.
     """
     from densemtl.data import build_dataset
 
     if DATASETS.lookup(dataset).needs_root and root is None:
         raise UserError(f"dataset '{dataset}' needs --root, the folder holding its ground truth")
+    workers = available_cores() if workers is None else workers
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
     pred_dir = Path(pred_dir)
     names = _prediction_tasks(pred_dir, tasks)
     data_config = DataConfig(dataset=dataset, root=str(root) if root is not None else None, tasks=names)
@@ -288,26 +365,20 @@ def evaluate_predictions(
         data_config.synthetic = synthetic
     ground_truth = build_dataset(data_config, split, train=False)
     task_objects = build_tasks(names, ground_truth.info)
-    eval_config = EvalConfig() if matcher is None else EvalConfig(boundary_matcher=matcher)
+    eval_config = _eval_options(EvalConfig(), matcher, edge_protocol)
     metrics = build_metrics(task_objects, ground_truth.info, eval_config)
+    scored = ScoredImages(ground_truth, pred_dir, task_objects, ground_truth.info, eval_config)
     problems: list[str] = []
-    for index in tqdm(range(len(ground_truth)), desc="evaluate", leave=False):
-        sample = ground_truth[index]
-        image_name = sample["meta"]["name"]
-        for name, task in task_objects.items():
-            try:
-                path = task.find_file(pred_dir / name, image_name)
-                pred = task.load(path)
-            except DataError as err:
-                problem = str(err)
-            else:
-                problem = _check_prediction(task, path, pred, sample[name])
-            if problem is not None:
-                if not report_all:
-                    raise DataError(problem)
-                problems.append(problem)
-                continue
-            metrics[name].update(pred[None], sample[name][None])
+    items = score_images(scored, min(workers, len(scored)))
+    for item in tqdm(items, total=len(scored), desc="evaluate", leave=False):
+        if item["fatal"] is not None:
+            raise DataError(item["fatal"])
+        if item["problems"] and not report_all:
+            raise DataError(item["problems"][0])
+        problems += item["problems"]
+        for name, counts in item["counts"].items():
+            for key, value in counts.items():
+                metrics[name].add(key, value)
     if problems:
         listing = "\n  ".join(problems)
         raise DataError(f"{len(problems)} bad prediction file(s) in {pred_dir}:\n  {listing}")

@@ -1,4 +1,9 @@
-"""The record of a run as it trains: ``log.jsonl``, TensorBoard scalars and images, ``val_predictions.png``."""
+"""The record of a run as it trains: ``log.jsonl``, TensorBoard scalars and images, ``val_predictions.png``.
+
+A resumed run continues the record of the checkpoint it starts from: the lines of ``log.jsonl`` after the
+checkpoint's step (written before the interruption, and about to be written again) are dropped, and so are
+TensorBoard's events after it, so every step is recorded once.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,34 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from densemtl.atomic import atomic_write
 from densemtl.metrics.delta_m import Results
 
 
-class RunLogger:
-    """``log.jsonl`` (every figure, one JSON object a line) and TensorBoard scalars/images; rank 0 only."""
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the records of ``path`` up to ``step``, and nothing after a line cut short by a crash."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not line.endswith("\n") or record.get("step", 0) > step:
+            break
+        kept.append(line)
+    with atomic_write(path) as stream:
+        stream.write("".join(kept).encode())
 
-    def __init__(self, run_dir: Path, active: bool, fresh: bool) -> None:
+
+class RunLogger:
+    """``log.jsonl`` (every figure, one JSON object a line) and TensorBoard scalars/images; rank 0 only.
+
+    ``resume_step`` None starts a fresh record; a step continues the record of a run resumed from it.
+    """
+
+    def __init__(self, run_dir: Path, active: bool, resume_step: int | None = None) -> None:
         self.active = active
         self.run_dir = run_dir
         self.writer = None
@@ -25,8 +51,11 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             run_dir.mkdir(parents=True, exist_ok=True)
-            self.stream = open(run_dir / "log.jsonl", "w" if fresh else "a")
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            if resume_step is not None:
+                truncate_log(run_dir / "log.jsonl", resume_step)
+            self.stream = open(run_dir / "log.jsonl", "w" if resume_step is None else "a")
+            purge = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def _write(self, record: dict[str, Any]) -> None:
         self.stream.write(json.dumps(record) + "\n")

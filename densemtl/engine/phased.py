@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from densemtl.config import Config
-from densemtl.engine.checkpoint import load_checkpoint
+from densemtl.engine.checkpoint import TRAINING_ENTRIES, load_checkpoint
 from densemtl.engine.objective import build_objective
 from densemtl.engine.prepare import RunSetup, build_evaluator, seed_everything
 from densemtl.engine.results import format_results, write_results
@@ -39,7 +39,7 @@ def _load_finished(folder: Path, phase: Phase, model: nn.Module) -> bool:
     last = folder / "checkpoints" / "last.pt"
     if not last.exists():
         return False
-    state = load_checkpoint(last)
+    state = load_checkpoint(last, TRAINING_ENTRIES)
     if state["step"] < phase.steps:
         return False
     model.load_state_dict(state["model"])
@@ -106,10 +106,12 @@ def _phase_trainer(config: Config, run: RunSetup, model: nn.Module, index: int, 
         config, tasks, {name: model.feature_channels[name] for name in tasks}, run.steps_per_epoch(config)
     )
     seed_everything(config.train.seed + 1000 * index + run.dist_info.rank)
+    several = folder != Path(config.out_dir)
     return Trainer(
         config, model, objective, run.train_set, folder, info=run.info,
         evaluator=build_evaluator(config, run.val_set, tasks, run.device), sample_set=run.val_set,
         parameters=phase.parameters(model), steps=phase.steps, dist_info=run.dist_info, device=run.device,
+        steps_key=f"the steps of phase {index} ({phase.name})" if several else "train.steps",
     )
 
 

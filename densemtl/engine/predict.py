@@ -12,21 +12,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import load_model
 from densemtl.errors import DataError, UserError
 
+_WIDE_GREY = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # integer grey modes holding more than 8 bits
+
 
 def read_image(path: Path) -> np.ndarray:
-    """An RGB uint8 H x W x 3 array; a missing or unreadable file is a :class:`DataError` naming it."""
+    """An RGB uint8 H x W x 3 array as the picture is meant to be seen: turned by its EXIF orientation, and
+    16-bit grey scaled to 8 bits (``v / 257``, where converting would clip everything over 255 to white).
+
+    A missing or unreadable file is a :class:`DataError` naming it.
+    """
     if not path.is_file():
         raise DataError(f"{path}: image not found")
     try:
         with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
+            upright = ImageOps.exif_transpose(image)
+            if upright.mode in _WIDE_GREY:
+                grey = np.clip(np.rint(np.asarray(upright, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            return np.array(upright.convert("RGB"))
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read image ({err})") from None
 

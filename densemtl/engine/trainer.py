@@ -35,7 +35,16 @@ from densemtl.data.base import collate
 from densemtl.data.transforms import JointTransform, denormalize_image
 from densemtl.dataset_info import DatasetInfo
 from densemtl.engine import distributed
-from densemtl.engine.checkpoint import capture_rng, info_to_dict, load_checkpoint, restore_rng, save_checkpoint
+from densemtl.engine.checkpoint import (
+    TRAINING_ENTRIES,
+    capture_rng,
+    check_resumable,
+    info_to_dict,
+    load_checkpoint,
+    nonfinite_tensors,
+    restore_rng,
+    save_checkpoint,
+)
 from densemtl.engine.logger import RunLogger
 from densemtl.engine.objective import Objective, shared_parameters
 from densemtl.engine.results import primary_score, write_results
@@ -58,6 +67,16 @@ def _seed_worker(worker_id: int) -> None:
 def _move(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     non_blocking = device.type == "cuda"
     return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _worker_error(err: UserError) -> UserError:
+    """A user error raised in a data worker as the line it was: the loader re-raises it with the worker's
+    traceback in its message."""
+    text = str(err)
+    marker = f"{type(err).__module__}.{type(err).__name__}: "
+    if not text.startswith("Caught ") or marker not in text:
+        return err
+    return type(err)(text.rpartition(marker)[2].strip())
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -114,6 +133,11 @@ class Trainer:
     returns extra named loss terms added to the total. ``evaluator(model)`` returns
     ``{task: {metric: value}}`` and is called on every rank every ``train.eval_every`` steps and at the
     end (it must reduce its metrics across ranks). ``data.batch_size`` is per process.
+
+    Nothing non-finite is ever stepped or saved: a non-finite gradient stops the run before the optimiser
+    step (with fp16 the GradScaler skips the step instead, as it is built to), and weights or optimiser
+    state holding NaN or infinity stop it before validation and saving, so ``last.pt`` and ``best.pt``
+    stay the last checkpoints whose every tensor is finite.
     """
 
     def __init__(
@@ -132,12 +156,14 @@ class Trainer:
         sample_set: Dataset | None = None,
         dist_info: distributed.DistInfo | None = None,
         device: torch.device | None = None,
+        steps_key: str = "train.steps",
     ) -> None:
         self.config = config
         self.train_cfg = config.train
         self.run_dir = Path(run_dir)
         self.info = info
         self.steps = steps if steps is not None else config.train.steps
+        self.steps_key = steps_key  # the config option ``steps`` comes from (named when a resume changes it)
         self.evaluator = evaluator
         self.loss_hook = loss_hook
         self.sample_set = sample_set
@@ -197,6 +223,8 @@ class Trainer:
         self.best: dict[str, Any] = {"score": None, "step": None, "reference": None}
         self.last_results: Results | None = None
         self.data_wait = 0.0
+        self._probe: torch.Tensor | None = None  # the last training image, for _stop_unless_finite
+        self.saved_step: int | None = None  # the step of the run's last checkpoint
 
     # ------------------------------------------------------------------ set-up helpers
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -237,6 +265,8 @@ class Trainer:
                 self._iterator = None
                 self.epoch += 1
                 self.batch_index = 0
+            except UserError as err:  # a bad file found by a data worker
+                raise _worker_error(err) from None
         self.batch_index += 1
         self.data_wait += time.perf_counter() - start
         return batch
@@ -257,7 +287,7 @@ class Trainer:
         flag = torch.tensor([0.0 if error is None else 1.0], device=self.device)
         if distributed.all_reduce_sum(flag).item() > 0:
             raise error or TrainingDiverged(
-                f"a non-finite loss on another rank at step {self.step}; stopped, the last good checkpoint is kept"
+                f"a non-finite loss on another rank at step {self.step}; stopped, {self._kept()}"
             )
 
     def train_step(self) -> dict[str, torch.Tensor | float]:
@@ -268,6 +298,7 @@ class Trainer:
         sums: dict[str, torch.Tensor | float] = {}  # tensors: no device sync until they are logged
         for micro in range(accumulate):
             batch = _move(self._next_batch(), self.device)
+            self._probe = batch["image"][:1]
             total, figures, error = self._forward_loss(batch)
             if self.dist.enabled:
                 self._agree_on_divergence(error)
@@ -280,13 +311,8 @@ class Trainer:
             for key, value in figures.items():
                 sums[key] = sums.get(key, 0.0) + value.detach() / accumulate
         self._sync_objective_grads()
-        if self.train_cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            # the network and the objective's own parameters (balancer weights, projectors) are clipped
-            # apart, so large balancer gradients (GradNorm) never shrink the network's step
-            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._model_params, self.train_cfg.grad_clip).detach()
-            if self._objective_params:
-                torch.nn.utils.clip_grad_norm_(self._objective_params, self.train_cfg.grad_clip)
+        self.scaler.unscale_(self.optimizer)  # a no-op without fp16
+        sums["grad_norm"] = self._checked_gradient_norm()
         sums["lr"] = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -295,6 +321,67 @@ class Trainer:
             self.ema.update(_unwrap(self.model))
         self.step += 1
         return sums
+
+    def _checked_gradient_norm(self) -> torch.Tensor:
+        """The network's gradient norm, after stopping on a non-finite gradient (one device sync) and clipping.
+
+        The network and the objective's own parameters (balancer weights, projectors) are clipped apart, so
+        large balancer gradients (GradNorm) never shrink the network's step. With fp16 a non-finite gradient
+        is the GradScaler's to handle: it skips the step and lowers its scale.
+        """
+        groups = [[p for p in params if p.grad is not None] for params in (self._model_params, self._objective_params)]
+        zero = torch.zeros((), device=self.device)
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) if group else zero for group in groups]
+        if not self.scaler.is_enabled() and not bool(torch.isfinite(torch.stack(norms)).all()):
+            first = next(name for name, param in self._named_trainable() if param.grad is not None
+                         and not torch.isfinite(param.grad).all())
+            raise TrainingDiverged(
+                f"a non-finite gradient after step {self.step} (first in '{first}'); stopped before the optimiser "
+                f"step, {self._kept()}"
+            )
+        if self.train_cfg.grad_clip:
+            for group, norm in zip(groups, norms, strict=True):
+                torch.nn.utils.clip_grads_with_norm_(group, self.train_cfg.grad_clip, norm)
+        return norms[0].detach()
+
+    def _named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield from _unwrap(self.model).named_parameters()
+        yield from (("objective." + name, param) for name, param in self.objective.named_parameters())
+
+    def _stop_unless_finite(self) -> None:
+        """Stop before validating or saving when weights, EMA, objective or optimiser state hold NaN or infinity,
+        or when the evaluated model (eval mode: running statistics) predicts them for the last training image.
+
+        Finite weights can still predict NaN (huge weights overflow); such a checkpoint is not saved either.
+        The probe changes no state, so training goes on exactly as without it; all ranks stop together.
+        """
+        state = {"model": _unwrap(self.model).state_dict(), "objective": self.objective.state_dict(),
+                 "ema": self.ema.model.state_dict() if self.ema is not None else {},
+                 "optimizer": self.optimizer.state_dict()["state"]}
+        problem = None
+        bad = nonfinite_tensors(state)
+        if bad:
+            problem = f"{len(bad)} tensor(s) hold NaN or infinite values (first: {bad[0]})"
+        elif self._probe is not None:
+            model = self.eval_model
+            was_training = model.training
+            model.eval()
+            with torch.no_grad(), self._autocast():
+                tasks = nonfinite_tensors(model(self._probe)["pred"])
+            model.train(was_training)
+            if tasks:
+                problem = f"the model predicts NaN or infinite values for '{tasks[0]}' in eval mode"
+        flag = torch.tensor([0.0 if problem is None else 1.0], device=self.device)
+        if distributed.all_reduce_sum(flag).item() > 0:
+            raise TrainingDiverged(
+                f"{problem or 'a non-finite state on another rank'} after step {self.step}; not saved, {self._kept()}"
+            )
+
+    def _kept(self) -> str:
+        """What a stopped run leaves: its last checkpoint, every tensor of which is finite."""
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint ({self.checkpoint_dir / 'last.pt'}, step {self.saved_step}) is kept"
 
     def _sync_objective_grads(self) -> None:
         """Average the gradients of parameters outside DDP (balancer, regularizer) over ranks."""
@@ -374,16 +461,20 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
-        saved_model = state["config"].get("model")
-        if saved_model != to_dict(self.config)["model"] or state["info"].get("tasks") != list(self.info.tasks):
-            raise UserError(f"{source}: the checkpoint's model or tasks differ from the config; cannot resume")
-        _unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.objective.load_state_dict(state["objective" if "objective" in state else "balancer"])  # older runs
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
+        """Continue from a checkpoint of this run: refused (one line) when the config's model does not fit it or
+        its schedule differs (:func:`~densemtl.engine.checkpoint.check_resumable`)."""
+        check_resumable(state, to_dict(self.config), self.steps, self.steps_key, source)
+        try:
+            _unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.objective.load_state_dict(state["objective" if "objective" in state else "balancer"])  # older runs
+            if self.ema is not None and state["ema"] is not None:
+                self.ema.load_state_dict(state["ema"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"{source}: cannot resume: the checkpoint does not fit the config ({first_line})") from None
         rng = state["rng"]
         restore_rng(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
         self.step = state["step"]
@@ -391,6 +482,7 @@ class Trainer:
         self.batch_index = state["data_position"]["batch"]
         self._iterator = None
         self.best = state["best"]
+        self.saved_step = self.step
 
     def save(self, best: bool) -> None:
         state = self.state_dict()
@@ -398,11 +490,12 @@ class Trainer:
             save_checkpoint(self.checkpoint_dir / "last.pt", state)
             if best:
                 save_checkpoint(self.checkpoint_dir / "best.pt", state)
+        self.saved_step = self.step
         distributed.barrier()
 
     def resume(self) -> None:
         path = self.checkpoint_dir / "last.pt"
-        self.load_state_dict(load_checkpoint(path), str(path))
+        self.load_state_dict(load_checkpoint(path, TRAINING_ENTRIES), str(path))
 
     def _clear_previous_run(self) -> None:
         """A fresh run in a used directory drops the old best checkpoint, results and TensorBoard events,
@@ -443,8 +536,9 @@ class Trainer:
                     logger.scalars("train", self.step, record)
                     window, window_steps, window_start, self.data_wait = {}, 0, time.perf_counter(), 0.0
                 evaluated = self.step % self.train_cfg.eval_every == 0 or at_end
-                improved = self._validate_and_record(logger) if evaluated else False
-                if self.step % self.train_cfg.checkpoint_every == 0 or at_end or evaluated:
+                if self.step % self.train_cfg.checkpoint_every == 0 or evaluated:
+                    self._stop_unless_finite()
+                    improved = self._validate_and_record(logger) if evaluated else False
                     self.save(best=improved)
         finally:
             bar.close()
@@ -456,10 +550,10 @@ class Trainer:
         if resume:
             self.resume()
             if self.step >= self.steps and self.is_main:
-                print(f"densemtl: {self.run_dir} already holds all {self.steps} steps; raise train.steps to go on")
+                print(f"densemtl: {self.run_dir} already holds all {self.steps} steps; nothing left to train")
         if self.is_main and not resume:
             self._clear_previous_run()
-        logger = RunLogger(self.run_dir, self.is_main, fresh=not resume)
+        logger = RunLogger(self.run_dir, self.is_main, resume_step=self.step if resume else None)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))

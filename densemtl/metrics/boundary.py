@@ -1,21 +1,20 @@
 """Boundary detection: ODS F, OIS F and AP as SEISM (the BSDS benchmark code) computes them.
 
-Per image, as the field's pipeline does it (HED ``nms_process`` then SEISM's ``edgesEvalImg``):
+Per image:
 
-1. the soft prediction is NMS-thinned (:func:`densemtl.metrics.edge_nms.edge_nms`) and rounded to
-   8 bits, as the field writes it to PNG before SEISM reads it back;
-2. for each threshold t = k / (K + 1), k = 1..K (0.01..0.99 for K = 99) the map
-   ``nms >= t`` is thinned again (``bwmorph(..., 'thin', Inf)``: SEISM thins every thresholded
-   prediction; its ground truth comes from ``seg2bmap`` and is already one pixel wide, so the ground
-   truth is used as given here);
-3. predicted and ground-truth boundary pixels are matched one-to-one within
-   ``max_dist x image diagonal`` (0.011 NYUD-v2, 0.0075 PASCAL-Context), with the ``exact`` maximum
-   matching or the ``bsds`` assignment (:mod:`densemtl.metrics.boundary_match`);
+1. the soft prediction becomes the map SEISM thresholds, as the chosen protocol does it
+   (:mod:`densemtl.metrics.edge_protocols`: ``seism-hed`` by default, ``invpt``, ``mtlpt``);
+2. for each of the protocol's thresholds t (or, with ``thresholds=K``, t = k / (K + 1), k = 1..K) the
+   pixels that count (``>= t``, or ``> t`` for ``invpt``) are thinned (``bwmorph(..., 'thin', Inf)``);
+3. they are matched one-to-one to the ground-truth boundary pixels within ``max_dist x image diagonal``
+   (0.011 NYUD-v2, 0.0075 PASCAL-Context) with the ``exact`` maximum matching or the ``bsds``
+   assignment (:mod:`densemtl.metrics.boundary_match`). The ground truth is taken as given: the
+   datasets' evaluation targets are already SEISM's ``thin(seg2bmap(G))``;
 4. counts per threshold: matched ground truth (cntR), ground truth (sumR), matched prediction
    (cntP), prediction (sumP).
 
 Pixels whose target is 255 (ignore / padding) are excluded from both sides: they are never
-ground-truth boundary pixels and predicted pixels there are dropped after the NMS.
+ground-truth boundary pixels and predicted pixels there are dropped before thresholding.
 
 ODS = the best threshold's F of the split-level counts; OIS = F of the counts summed over images,
 each image at its own best threshold (SEISM's ``general_ois``; an image without ground-truth
@@ -34,11 +33,12 @@ from densemtl.arrays import as_numpy
 from densemtl.constants import IGNORE_INDEX
 from densemtl.metrics.base import CountMetric, check_shapes
 from densemtl.metrics.boundary_match import MATCHERS, bsds_counts, bsds_kernel, exact_counts
-from densemtl.metrics.edge_nms import edge_nms, quantize, thinned_levels
+from densemtl.metrics.edge_nms import thinned_levels
+from densemtl.metrics.edge_protocols import EdgeProtocol, edge_protocol
 
 
 def threshold_levels(count: int) -> np.ndarray:
-    """The benchmark's thresholds ``k / (count + 1)``, k = 1..count (0.01..0.99 for 99).
+    """Evenly spaced thresholds ``k / (count + 1)``, k = 1..count (0.01..0.99 for 99).
 
     Computed as a division so that 0.2 is the double nearest to 0.2, which is also what an 8-bit
     value 51/255 becomes: ties between a quantised map and a threshold resolve as in SEISM.
@@ -78,13 +78,16 @@ def image_counts(
     max_dist: float,
     thresholds: np.ndarray,
     matcher: str = "exact",
+    protocol: EdgeProtocol | str = "seism-hed",
 ) -> np.ndarray:
     """``K x 4`` counts (cntR, sumR, cntP, sumP) of one H x W probability map against its target."""
+    if isinstance(protocol, str):
+        protocol = edge_protocol(protocol)
     valid = target != IGNORE_INDEX
     gt = valid & (target > 0.5)
-    edges = quantize(edge_nms(prob, min_value=0.5 / 255))
-    edges[~valid] = 0
-    levels = thinned_levels(edges, thresholds)
+    values = protocol.values(prob)
+    values[~valid] = 0
+    levels = thinned_levels(values, thresholds, strict=protocol.strict)
     counts = np.zeros((len(thresholds), 4), dtype=np.int64)
     counts[:, 1] = np.count_nonzero(gt)
     counts[:, 3] = [level.size for level in levels]
@@ -99,12 +102,18 @@ def image_counts(
 
 
 class BoundaryMetric(CountMetric):
-    """``update(pred, target)`` with ``B x 1 x H x W`` probabilities and {0, 1, 255} targets."""
+    """``update(pred, target)`` with ``B x 1 x H x W`` probabilities and {0, 1, 255} targets.
 
-    def __init__(self, max_dist: float, thresholds: int = 99, matcher: str = "exact") -> None:
+    ``thresholds`` None takes the protocol's own; a count K takes k / (K + 1), k = 1..K (fewer thresholds
+    make validation during training cheaper).
+    """
+
+    def __init__(
+        self, max_dist: float, thresholds: int | None = None, matcher: str = "exact", protocol: str = "seism-hed"
+    ) -> None:
         if not 0 < max_dist < 1:
             raise ValueError(f"boundary max_dist is a fraction of the diagonal in (0, 1), got {max_dist}")
-        if thresholds < 1:
+        if thresholds is not None and thresholds < 1:
             raise ValueError(f"boundary thresholds must be positive, got {thresholds}")
         if matcher not in MATCHERS:
             raise ValueError(f"unknown boundary matcher '{matcher}' (known: {', '.join(MATCHERS)})")
@@ -112,9 +121,13 @@ class BoundaryMetric(CountMetric):
             bsds_kernel()  # fail now, with the install hint, rather than after a model has run
         self.max_dist = max_dist
         self.matcher = matcher
-        self.thresholds = threshold_levels(thresholds)
+        self.protocol = edge_protocol(protocol)
+        self.thresholds = (
+            np.array(self.protocol.thresholds) if thresholds is None else threshold_levels(thresholds)
+        )
         super().__init__()
-        self.add_state("per_threshold", torch.zeros(thresholds, 4, dtype=torch.int64))  # cntR, sumR, cntP, sumP
+        counts = torch.zeros(len(self.thresholds), 4, dtype=torch.int64)
+        self.add_state("per_threshold", counts)  # cntR, sumR, cntP, sumP per threshold
         self.add_state("ois", torch.zeros(4, dtype=torch.int64))  # each image's counts at its best threshold
 
     def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
@@ -122,7 +135,7 @@ class BoundaryMetric(CountMetric):
         pred = as_numpy(pred, torch.float64).reshape(-1, *pred.shape[-2:])
         target = as_numpy(target, torch.float64).reshape(-1, *target.shape[-2:])
         for prob, gt in zip(pred, target, strict=True):
-            counts = image_counts(prob, gt, self.max_dist, self.thresholds, self.matcher)
+            counts = image_counts(prob, gt, self.max_dist, self.thresholds, self.matcher, self.protocol)
             self.add("per_threshold", counts)
             best = int(np.argmax(precision_recall(counts)[2]))
             self.add("ois", counts[best])

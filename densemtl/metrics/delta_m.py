@@ -5,6 +5,10 @@ for task t's primary metric (``primary_metric`` / ``lower_is_better`` of the tas
 :data:`densemtl.registry.TASKS`: mIoU, rmse, mean angle, odsF, maxF). Positive = the multi-task model is
 better. :func:`relative_change` is the per-task term, also what the trainer's best-checkpoint score averages.
 
+Saliency enters with maxF by default (``eval.delta_m_saliency``), as the tables of ATRC, InvPT and
+TaskPrompter do; ``"mIoU"`` uses Multi-Task-Learning-PyTorch's saliency mIoU instead, for comparisons
+with that codebase's delta_m (higher is better for both).
+
 Result files are the JSON the engine writes (``results.json`` of a run, or ``densemtl evaluate --out``):
 ``{"results": {task: {metric: value, ...}, ...}, ...}``.
 """
@@ -15,6 +19,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from densemtl.config import EvalConfig
 from densemtl.errors import DataError
 from densemtl.registry import TASKS
 
@@ -54,8 +59,11 @@ def load_baselines(paths: Iterable[str | Path]) -> Results:
     return merged
 
 
-def delta_m(results: Results, baselines: Results, tasks: Iterable[str] | None = None) -> float:
-    """delta_m in percent over ``tasks`` (default: every task in ``results``)."""
+def delta_m(
+    results: Results, baselines: Results, tasks: Iterable[str] | None = None, eval_config: EvalConfig | None = None
+) -> float:
+    """delta_m in percent over ``tasks`` (default: every task in ``results``); each task compares the metric
+    its ``delta_m_metric(eval_config)`` names (the primary one unless the config chooses another)."""
     names = list(tasks) if tasks is not None else list(results)
     if not names:
         raise DataError("delta_m needs at least one task")
@@ -64,7 +72,7 @@ def delta_m(results: Results, baselines: Results, tasks: Iterable[str] | None = 
         if name not in TASKS:
             raise DataError(f"delta_m: unknown task '{name}' (known: {', '.join(TASKS)})")
         task = TASKS[name]
-        metric = task.primary_metric
+        metric = task.delta_m_metric(eval_config)
         for label, source in (("results", results), ("baselines", baselines)):
             if metric not in source.get(name, {}):
                 raise DataError(f"delta_m: {label} have no '{metric}' for task '{name}'")

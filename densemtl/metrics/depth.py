@@ -2,8 +2,10 @@
 
 ``rmse`` (metres) = sqrt(sum of squared errors / number of valid pixels of the split), as the
 multi-task field reports it; ``abs_rel`` = mean |p - g| / g; ``log10`` = mean |log10 p - log10 g|;
-``delta1..3`` = percentage of pixels with max(p/g, g/p) < 1.25^k. Predictions are clamped to
-at least 1 mm before the logarithm and the ratios (a non-positive depth has no logarithm).
+``delta1..3`` = percentage of pixels with max(p/g, g/p) < 1.25^k. Predictions are first clamped to
+at least 1e-9 m, as the reference code does before every figure (Multi-Task-Learning-PyTorch's and
+TaskPrompter's ``evaluation/eval_depth.py`` set ``pred[pred <= 0] = 1e-9``; InvPT saves ``max(p, 0)``):
+a negative saved depth counts as zero depth, not as its value.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from densemtl.arrays import as_numpy
 from densemtl.metrics.base import CountMetric, check_shapes
 
-MIN_DEPTH = 1e-3
+MIN_DEPTH = 1e-9
 
 
 class DepthMetric(CountMetric):
@@ -33,15 +35,15 @@ class DepthMetric(CountMetric):
         pred, target = pred[valid], target[valid]
         if not np.isfinite(pred).all():
             raise ValueError("depth prediction holds NaN or infinite values")
-        clamped = np.maximum(pred, MIN_DEPTH)
-        ratio = np.maximum(clamped / target, target / clamped)
+        pred = np.maximum(pred, MIN_DEPTH)
+        ratio = np.maximum(pred / target, target / pred)
         self.add("pixels", pred.size)
         self.add(
             "errors",
             [
                 np.sum((pred - target) ** 2),
                 np.sum(np.abs(pred - target) / target),
-                np.sum(np.abs(np.log10(clamped) - np.log10(target))),
+                np.sum(np.abs(np.log10(pred) - np.log10(target))),
             ],
         )
         self.add("within", [np.count_nonzero(ratio < 1.25**k) for k in (1, 2, 3)])

@@ -21,10 +21,11 @@ THRESHOLDS_DEG = {"11.25": 11.25, "22.5": 22.5, "30": 30.0}
 
 
 def angles_deg(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Angles (degrees) between ``N x 3`` prediction and ground-truth vectors, both normalised."""
-    pred = pred / np.maximum(np.linalg.norm(pred, axis=1, keepdims=True), 1e-12)
-    target = target / np.linalg.norm(target, axis=1, keepdims=True)
-    return np.degrees(np.arccos(np.clip(np.sum(pred * target, axis=1), -1.0, 1.0)))
+    """Angles (degrees) between ``3 x N`` prediction and ground-truth vectors, both normalised."""
+    pred_norm = np.maximum(np.sqrt(np.einsum("cn,cn->n", pred, pred)), 1e-12)
+    target_norm = np.sqrt(np.einsum("cn,cn->n", target, target))
+    cosine = np.einsum("cn,cn->n", pred, target) / (pred_norm * target_norm)
+    return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
 
 
 class NormalsMetric(CountMetric):
@@ -40,10 +41,10 @@ class NormalsMetric(CountMetric):
         check_shapes(pred, target, "normals")
         if pred.ndim != 4 or pred.shape[1] != 3:
             raise ValueError(f"normals: expected B x 3 x H x W, got {tuple(pred.shape)}")
-        pred = np.moveaxis(as_numpy(pred, torch.float64), 1, -1).reshape(-1, 3)
-        target = np.moveaxis(as_numpy(target, torch.float64), 1, -1).reshape(-1, 3)
-        valid = np.abs(target).sum(axis=1) > 0
-        angles = angles_deg(pred[valid], target[valid])
+        pred = np.moveaxis(as_numpy(pred, torch.float64), 1, 0).reshape(3, -1)  # channels first: no copy, one image
+        target = np.moveaxis(as_numpy(target, torch.float64), 1, 0).reshape(3, -1)
+        valid = (target != 0).any(axis=0)
+        angles = angles_deg(pred[:, valid], target[:, valid])
         self.add("sums", [angles.sum(), np.square(angles).sum()])
         self.add("within", [np.count_nonzero(angles < t) for t in THRESHOLDS_DEG.values()])
         bins = np.minimum((angles / BIN_DEG).astype(np.int64), NUM_BINS - 1)

@@ -145,11 +145,15 @@ class Family:
     # Modules (replaced by identities) and parameters (frozen) the features never use: no wasted
     # compute, and DDP needs no ``find_unused_parameters``.
     unused: tuple[str, ...] = ()
+    # Config fields newer ``transformers`` default to tuples where the model concatenates them with lists.
+    list_fields: tuple[str, ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
     "resnet": Family("ResNetConfig", "ResNetBackbone", "backbone", {"out_features": STAGES}),
-    "convnext": Family("ConvNextConfig", "ConvNextBackbone", "backbone", {"out_features": STAGES}),
+    "convnext": Family(
+        "ConvNextConfig", "ConvNextBackbone", "backbone", {"out_features": STAGES}, list_fields=("hidden_sizes",)
+    ),
     "swin": Family("SwinConfig", "SwinBackbone", "backbone", {"out_features": STAGES}, unused=("swin.layernorm",)),
     "mobilenetv2": Family(
         "MobileNetV2Config",
@@ -199,6 +203,13 @@ def _check_layers(layers: list[int] | None, depth: int) -> list[int]:
     return list(layers)
 
 
+def _as_lists(config: Any, family: Family) -> Any:
+    """``config`` with the family's :attr:`Family.list_fields` turned from tuples into lists."""
+    for name in family.list_fields:
+        setattr(config, name, list(getattr(config, name)))
+    return config
+
+
 def build_backbone(model_config: ModelConfig) -> Backbone:
     """The encoder named by ``model.backbone`` (see the module docstring for names and options)."""
     import transformers
@@ -221,13 +232,13 @@ def build_backbone(model_config: ModelConfig) -> Backbone:
     overrides = {**family.fixed, **dict(model_config.backbone_args)}
     if model_config.pretrained:
         try:
-            config = config_class.from_pretrained(model_config.pretrained, **overrides)
+            config = _as_lists(config_class.from_pretrained(model_config.pretrained, **overrides), family)
             model = model_class.from_pretrained(model_config.pretrained, config=config, **family.model_kwargs)
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.pretrained: cannot load '{model_config.pretrained}': {err}") from None
     else:
         try:
-            config = config_class(**{**preset_args, **overrides})
+            config = _as_lists(config_class(**{**preset_args, **overrides}), family)
             model = model_class(config, **family.model_kwargs)
         except (TypeError, ValueError, AttributeError) as err:
             raise ConfigError(f"model.backbone_args: invalid for backbone '{name}': {err}") from None
