@@ -12,7 +12,8 @@ references are trained once for both families.
     python benchmarks/mtcp.py --compare --seeds 0 1 2 --steps 300 --root runs/compare    # train the rest, summarise
 
 The summary gives, per variant, each task's primary metric and Delta-m (mean ± standard deviation over
-seeds), the paired difference of Delta-m to the variant's baseline on the same seeds, and whether that
+seeds), the paired difference of Delta-m to the variant's baseline on the same seeds (``--baseline`` takes
+one row as every variant's), and whether that
 difference is outside the seed noise: the same sign on every seed and a mean larger than the standard
 deviation of the paired differences.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import shlex
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,12 +188,18 @@ def add_arguments(parser: Any, labels: list[str]) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--variants", nargs="+", default=labels, choices=labels)
+    parser.add_argument("--baseline", choices=labels,
+                        help="take every row's paired difference against this row instead of its own baseline "
+                             "(e.g. shared_encoder_wide: the shared encoder of matched capacity)")
     parser.add_argument("--train-set", nargs="*", default=["eval.boundary_thresholds=19"],
                         help="extra overrides for every trained run (default: 19 boundary thresholds)")
 
 
 def run_family(args: Any, variants: dict[str, Variant]) -> dict[str, Any] | None:
     """``--commands`` prints the runs, ``--compare`` trains and summarises; None when neither is asked."""
+    if args.baseline:
+        variants = {label: replace(v, baseline=None if label == args.baseline or v.baseline is None else args.baseline)
+                    for label, v in variants.items()}
     wanted = ["single", *(variants[label].baseline for label in args.variants), *args.variants]
     chosen = {label: variants[label] for label in dict.fromkeys(label for label in wanted if label)}
     if args.commands:
