@@ -119,7 +119,7 @@ def _train_records(root: Path, label: str, seed: int) -> list[dict[str, Any]]:
 def lps_weights(summary: dict[str, Any], root: Path) -> dict[str, Any]:
     """Per LPS variant and task: the logged weight at the last step (mean over seeds), the smallest and
     largest logged after the first window, and how many logged steps had some weight below 0.0101 (at or
-    under the default floor)."""
+    under the default floor). Each logged weight is the mean over its logging interval."""
     table: dict[str, Any] = {}
     for label in summary["variants"]:
         if "loss.balancer=lps" not in VARIANTS[label].overrides:
