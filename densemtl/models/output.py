@@ -18,9 +18,12 @@ class ModelOutput(TypedDict, total=False):
     upsamples smaller ones to the target's size and weights each by ``mtcp.traceback_weight``, placed
     as ``mtcp.deep_supervision`` says).
     ``extra_losses``: ``{name: scalar}`` loss terms already weighted (L0 penalty, consistency, ...).
+    ``activations``: ``{task: {layer: activation}}`` recorded for a phase's loss hook (computation sharing's
+    temporal term).
     """
 
     pred: Required[dict[str, Tensor]]
     features: dict[str, Tensor]
     intermediate: dict[str, list[Tensor]]
     extra_losses: dict[str, Tensor]
+    activations: dict[str, dict[str, Tensor]]
