@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from densemtl.engine.objective import build_objective
 from densemtl.engine.trainer import Trainer
 from densemtl.models import build_model
 from densemtl.models.sharing.model import SharingModel
-from densemtl.tasks import build_tasks
+from densemtl.tasks import Task, build_tasks
 
 # --- training runs ----------------------------------------------------------------------------------
 
@@ -101,6 +102,31 @@ def kill_when(process: subprocess.Popen, ready: Callable[[], bool], timeout: flo
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+# --- distributed runs -------------------------------------------------------------------------------
+
+
+class GroupNormNet(nn.Module):
+    """A tiny model following the model contract, normalised with GroupNorm (no batch statistics)."""
+
+    def __init__(self, tasks: dict[str, Task]) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU())
+        self.heads = nn.ModuleDict({name: nn.Conv2d(8, task.channels, 1) for name, task in tasks.items()})
+        self.feature_channels = {name: 8 for name in tasks}
+
+    def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        feature = self.body(image)
+        pred = {name: head(feature) for name, head in self.heads.items()}
+        return {"pred": pred, "features": dict.fromkeys(self.tasks, feature)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # --- computation sharing ----------------------------------------------------------------------------

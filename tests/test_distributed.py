@@ -9,46 +9,21 @@ gradients is the gradient of the global batch, so the weights must agree to floa
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
 from densemtl.data import build_dataset
 from densemtl.engine import distributed
 from densemtl.engine.checkpoint import load_checkpoint
 from densemtl.engine.distributed import DistInfo, ResumableSampler
-from densemtl.tasks import Task
-from tests.conftest import densemtl_process, kill_when, make_trainer, read_log, tiny_config
+from tests.conftest import GroupNormNet, densemtl_process, free_port, kill_when, make_trainer, read_log, tiny_config
 
 OVERRIDES = ["data.tasks=[semseg,depth]", "data.flip=false", "train.steps=3", "train.lr=1e-2", "train.warmup_steps=0"]
 PER_RANK_BATCH = 2
-
-
-class GroupNormNet(nn.Module):
-    """A tiny model following the model contract, normalised with GroupNorm (no batch statistics)."""
-
-    def __init__(self, tasks: dict[str, Task]) -> None:
-        super().__init__()
-        self.tasks = tasks
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU())
-        self.heads = nn.ModuleDict({name: nn.Conv2d(8, task.channels, 1) for name, task in tasks.items()})
-        self.feature_channels = {name: 8 for name in tasks}
-
-    def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        feature = self.body(image)
-        pred = {name: head(feature) for name, head in self.heads.items()}
-        return {"pred": pred, "features": dict.fromkeys(self.tasks, feature)}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
@@ -73,7 +48,7 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path: Path
     single = make_trainer(config, tmp_path / "single", GroupNormNet)
     initial = {k: v.clone() for k, v in single.model.state_dict().items()}
     single.fit()
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
 
     one = load_checkpoint(tmp_path / "single" / "checkpoints" / "last.pt")["model"]
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")

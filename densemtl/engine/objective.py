@@ -8,6 +8,11 @@ balancer's statistics see only the final outputs. With ``in_task`` the same sum 
 ``L_t`` instead, so the task's weight and the balancer apply to it. Deep-supervision outputs smaller than
 their target are upsampled to it (bilinear, as the released code does). A non-finite term stops training
 with :class:`TrainingDiverged` naming it.
+
+Partial labels: ``L_t`` is computed on the samples of the batch that have task ``t``'s label
+(:func:`densemtl.data.base.labelled_mask`), so it is their mean; a task without any labelled sample in the
+batch is left out of the losses the balancer sees, and its outputs enter the total multiplied by zero, so
+every parameter still takes part in the backward pass (DDP requires it) and nothing is divided by zero.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densemtl.config import Config
+from densemtl.data.base import labelled_mask
 from densemtl.errors import TrainingDiverged
 from densemtl.models.output import ModelOutput
 from densemtl.tasks import Task
@@ -37,6 +43,18 @@ def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
     owner = getattr(model, "backbone", None)
     params = (owner if isinstance(owner, nn.Module) else model).parameters()
     return [p for p in params if p.requires_grad]
+
+
+def _labelled(present: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """The samples of ``value`` (batch first) that have the label (all when ``present`` is None)."""
+    return value if present is None else value[present.to(value.device)]
+
+
+def unlabelled_outputs(output: ModelOutput, tasks: set[str]) -> torch.Tensor | float:
+    """Zero, computed from every output of ``tasks``: keeps their heads in the backward pass."""
+    intermediate = output.get("intermediate") or {}
+    raws = [raw for t in sorted(tasks) for raw in [output["pred"][t], *intermediate.get(t, [])]]
+    return torch.stack([raw.float().sum() for raw in raws]).sum() * 0.0 if raws else 0.0
 
 
 def check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
@@ -70,6 +88,7 @@ class Objective(nn.Module):
         self.regularizer = regularizer
         self.traceback_weight = traceback_weight
         self.deep_supervision_in_task = deep_supervision == "in_task"
+        self.extra_terms: list[torch.Tensor] = []  # kept for the per-task gradient path (engine/task_gradients.py)
 
     def task_losses(
         self, output: ModelOutput, batch: dict[str, Any]
@@ -81,10 +100,14 @@ class Objective(nn.Module):
         outside = []
         intermediate = output.get("intermediate") or {}
         for name, task in self.tasks.items():
-            target = batch[name]
-            loss = task.loss(output["pred"][name], target)
+            present = labelled_mask(batch, name)
+            if present is not None and not bool(present.any()):
+                continue  # no label in this batch
+            target = _labelled(present, batch[name])
+            loss = task.loss(_labelled(present, output["pred"][name]), target)
             parts[name] = loss
-            extras = [task.loss(to_target_size(raw, target), target) for raw in intermediate.get(name, [])]
+            extras = [task.loss(to_target_size(_labelled(present, raw), target), target)
+                      for raw in intermediate.get(name, [])]
             if extras:
                 deep = torch.stack(extras).sum()
                 parts[f"{name}_intermediate"] = deep
@@ -107,7 +130,8 @@ class Objective(nn.Module):
         """``(total, figures)``; figures hold each task's loss, its weight and every extra term."""
         losses, parts, deep_term = self.task_losses(output, batch)
         check_finite(parts, step)
-        total, weights = self.balancer.combine(losses, step, shared)
+        total, weights = self.balancer.combine(losses, step, shared) if losses else (0.0, {})
+        total = total + unlabelled_outputs(output, set(self.tasks) - set(losses))
         figures = {f"loss/{name}": value.detach() for name, value in parts.items()}
         figures.update({f"weight/{name}": torch.as_tensor(float(w)) for name, w in weights.items()})
         terms = {} if deep_term is None else {"deep_supervision": deep_term}
@@ -116,6 +140,8 @@ class Objective(nn.Module):
         if self.regularizer is not None:
             terms["contrastive"] = self.regularizer(output["features"], batch)
         check_finite(terms, step)
+        if getattr(self.balancer, "needs_task_gradients", False):
+            self.extra_terms = list(terms.values())
         for name, value in terms.items():
             total = total + value
             figures[f"loss/{name}"] = value.detach()
