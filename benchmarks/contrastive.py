@@ -1,9 +1,16 @@
-"""Cost of the contrastive regularizer per training step: model step with and without it, and it alone.
+"""The contrastive regularizer: cost per training step, and the synthetic comparison of its variants.
 
-Prints milliseconds per step (median over repeats) and writes them as JSON. Random images and labels
-in the synthetic dataset's format, so nothing has to be generated or read from disk.
+Default (what ``make bench`` runs): milliseconds per step (median over repeats) of the model with and
+without it, and of it alone, written as JSON. Random images and labels in the synthetic dataset's
+format, so nothing has to be generated or read from disk.
 
     python benchmarks/contrastive.py --out runs/bench/contrastive.json [--set contrastive.num_pixels=512]
+
+The comparison (``--commands`` / ``--compare``, see ``benchmarks/comparison.py``) trains the shared
+references and the regularizer's variants on configs/synthetic_contrastive.yaml:
+
+    python benchmarks/contrastive.py --compare --seeds 0 1 2 --steps 300 --root runs/compare \
+        --out runs/compare/contrastive.json
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from comparison import CONFIGS, REFERENCES, Variant, add_arguments, run_family, same_training
 from tqdm import tqdm
 
 from densemtl.config import load_config
@@ -22,6 +30,18 @@ from densemtl.jsonio import write_json
 from densemtl.losses.contrastive import ContrastiveRegularizer
 from densemtl.models import build_model
 from densemtl.tasks import build_tasks
+
+CONFIG = CONFIGS / "synthetic_contrastive.yaml"
+
+# label -> variant; the shared encoder of REFERENCES is this config with the regularizer off
+VARIANTS: dict[str, Variant] = {
+    **REFERENCES,
+    "contrastive_triplet": Variant(CONFIG, [], "shared_encoder", "default: triplet, sampled triplets, margin 0.3"),
+    "contrastive_batch_hard": Variant(CONFIG, ["contrastive.mining=batch_hard"], "shared_encoder",
+                                      "triplet with the hardest positive and negative of each anchor"),
+    "contrastive_infonce": Variant(CONFIG, ["contrastive.loss=infonce"], "shared_encoder",
+                                   "InfoNCE, temperature 0.1"),
+}
 
 
 def random_batch(tasks: list[str], batch: int, height: int, width: int, classes: int) -> dict[str, torch.Tensor]:
@@ -58,8 +78,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/bench/contrastive.json")
+    add_arguments(parser, list(VARIANTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.commands or args.compare:
+        if not same_training(REFERENCES["shared_encoder"], Variant(CONFIG, ["contrastive.enabled=false"])):
+            raise SystemExit(f"{CONFIG.name} without the regularizer no longer trains the shared reference run")
+        summary = run_family(args, VARIANTS)
+        if summary is not None:
+            print(f"wrote {write_json(summary, args.out)}")
+        return
     torch.manual_seed(0)
 
     config = load_config(args.config, ["contrastive.enabled=true", *args.set])

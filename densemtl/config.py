@@ -119,13 +119,15 @@ class EvalConfig:
 
 @dataclass
 class ContrastiveConfig:
-    """Cross-task contrastive regularization (training only)."""
+    """Cross-task contrastive regularization (training only); docs/results/contrastive.md says which
+    values follow the paper and which are densemtl's."""
 
     enabled: bool = False
-    weight: float = 0.5  # no weight helped on the synthetic scenes (docs/results/contrastive.md)
-    loss: Literal["triplet", "infonce"] = "infonce"
+    weight: float = 0.5  # densemtl's value (the paper's was not available to us)
+    loss: Literal["triplet", "infonce"] = "triplet"  # the paper trains a triplet loss; InfoNCE is an option
+    mining: Literal["sampled", "batch_hard"] = "sampled"  # triplet: random positive/negative per anchor, or hardest
     margin: float = 0.3
-    temperature: float = 0.1
+    temperature: float = 0.1  # infonce only
     num_pixels: int = 256  # sampled per batch, shared out over its images
     projector_dim: int = 64
     depth_positive: float = 0.05  # relative depth difference under which two pixels are positives
@@ -137,11 +139,20 @@ class ContrastiveConfig:
 
 @dataclass
 class MTCPConfig:
-    """Multi-task coherence and prioritization (cross-task fusion, trace-back)."""
+    """Multi-task coherence and prioritization (cross-task fusion, trace-back, deep supervision).
 
-    attention_size: int | None = 16  # CFM position attention on a grid of at most this side; None = full
+    ``official`` = the layout of MT-CP's released code (docs/results/mtcp.md); the others are densemtl's
+    earlier variants, kept as options.
+    """
+
+    cfm: Literal["official", "bounded"] = "official"
+    traceback: Literal["official", "residual"] = "official"
+    # where the trace-back heads' losses go: ``official`` adds them outside the task and balancer
+    # weighting (as the released code does), ``in_task`` inside each task's loss
+    deep_supervision: Literal["official", "in_task"] = "official"
+    attention_size: int | None = None  # CFM keys/values pooled to at most this many cells per side; None = full
     consistency_weight: float = 0.0
-    traceback_weight: float = 0.5
+    traceback_weight: float = 0.5  # per deep-supervision head
 
 
 @dataclass

@@ -12,7 +12,6 @@ from densemtl.config import LossConfig
 from densemtl.errors import ConfigError
 from densemtl.losses.balancers import build_balancer
 from densemtl.losses.balancers.base import Balancer
-from densemtl.losses.balancers.lps import lps_spread
 from densemtl.registry import BALANCERS
 
 TASKS = ["semseg", "depth", "edge"]
@@ -108,47 +107,71 @@ def test_weights_act_on_the_backpropagated_gradient(name):
         torch.testing.assert_close(heads[t].weight.grad, factor * reference[t], rtol=1e-4, atol=1e-7)
 
 
-def test_lps_follows_the_formula_on_a_scripted_history():
-    balancer = build_balancer(_config("lps", window=2, projection="none", spread=1.6), TASKS)
+# the hand-computed case: window means of three tasks over three windows (base weights 1, no projection)
+LPS_HISTORY = [[2.0, 1.0, 0.5], [1.0, 0.9, 0.25], [0.8, 0.85, 0.2]]
+
+
+def test_lps_follows_the_released_schedule_on_a_hand_computed_case():
+    balancer = build_balancer(_config("lps", window=1, projection="none", spread=7.5, floor="none"), TASKS)
     balancer.base.fill_(1.0)
-    history = [[2.0, 1.0, 1.0]] * 2 + [[1.0, 1.0, 0.5]] * 2 + [[0.5, 1.0, 0.25]] * 2
-    # first window: weights stay 1 until it closes
-    assert _scripted(balancer, history[:2]) == pytest.approx({t: 1.0 for t in TASKS})
-    # second window starts: w = L_tot / L_t of window 1, spread, normalised
-    weights = _scripted(balancer, history[2:4], start_step=2)
-    first = torch.tensor([4 / 2, 4 / 1, 4 / 1], dtype=torch.float64)
-    expected = lps_spread(first, 1.6, 0.05)
-    assert list(weights.values()) == pytest.approx(expected.tolist())
-    # third window: ratio of window 2 to window 1 over the total's ratio
-    weights = _scripted(balancer, history[4:5], start_step=4)
-    ratio = torch.tensor([1 / 2, 1 / 1, 0.5 / 1], dtype=torch.float64) / (2.5 / 4)
-    mean = ratio.mean()
-    spread = mean + 1.6 * (ratio - mean)
-    expected = spread * 3 / spread.sum()
-    assert list(weights.values()) == pytest.approx(expected.tolist())
-    assert sum(weights.values()) == pytest.approx(3.0)
-    # depth's loss stalled while the others halved: it gets the largest weight
-    assert weights["depth"] == max(weights.values()) and weights["depth"] > 1.0
+    # first window: the configured weights
+    assert _scripted(balancer, LPS_HISTORY[:1]) == pytest.approx(dict.fromkeys(TASKS, 1.0))
+    # after it: L_tot / L_t = 3.5 / (2, 1, 0.5), no spread
+    weights = _scripted(balancer, LPS_HISTORY[1:2], start_step=1)
+    assert list(weights.values()) == pytest.approx([1.75, 3.5, 7.0])
+    # after the next: ratios (0.5, 0.9, 0.5) / (2.15 / 3.5), spread 7.5 about their mean 1.031008
+    weights = _scripted(balancer, LPS_HISTORY[2:3], start_step=2)
+    assert list(weights.values()) == pytest.approx([-0.596899, 4.286822, -0.596899], abs=1e-6)
+    # the third ratio (0.929730, 1.097598, 0.929730), spread 7.5; nothing renormalised
+    weights = _scripted(balancer, [[0.8, 0.85, 0.2]], start_step=3)
+    assert list(weights.values()) == pytest.approx([0.566016, 1.825025, 0.566016], abs=1e-6)
 
 
-def test_lps_clips_to_positive_and_log_projection():
-    spread = lps_spread(torch.tensor([0.1, 1.0, 3.0]), 7.5, 0.05)
-    assert (spread > 0).all() and spread.sum().item() == pytest.approx(3.0)
+def test_lps_floor_and_options_on_the_same_case():
+    def weights_after(**args) -> list[float]:
+        balancer = build_balancer(_config("lps", window=1, projection="none", **args), TASKS)
+        balancer.base.fill_(1.0)
+        return list(_scripted(balancer, LPS_HISTORY).values())
+
+    # the default floor raises the two negative weights to min_weight, the third is unchanged
+    assert weights_after(spread=7.5) == pytest.approx([0.01, 4.286822, 0.01], abs=1e-6)
+    assert weights_after(spread=7.5, min_weight=0.1) == pytest.approx([0.1, 4.286822, 0.1], abs=1e-6)
+    assert weights_after(spread=1.6) == pytest.approx([0.683721, 1.725581, 0.683721], abs=1e-6)
+    floored = torch.tensor([0.01, 4.286822, 0.01])
+    assert weights_after(spread=7.5, normalize="sum") == pytest.approx((floored * 3 / floored.sum()).tolist())
+    # spread 0: every task the same weight after the second window (the mean ratio)
+    assert weights_after(spread=0.0) == pytest.approx([1.031008] * 3, abs=1e-6)
+
+
+def test_lps_log_projection_is_the_statistic_and_the_term():
     balancer = build_balancer(_config("lps", window=1), TASKS)
     losses = {"semseg": torch.tensor(2.0), "depth": torch.tensor(0.5), "edge": torch.tensor(0.01)}
     total, _ = balancer.combine(losses, 0)
-    expected = math.log1p(2.0) + math.log1p(0.5) + math.log1p(50 * 0.01)
-    assert total.item() == pytest.approx(expected, rel=1e-5)
+    projected = [math.log1p(2.0), math.log1p(0.5), math.log1p(50 * 0.01)]  # edge's base weight is 50
+    assert total.item() == pytest.approx(sum(projected), rel=1e-5)
+    _, weights = balancer.combine(losses, 1)
+    assert list(weights.values()) == pytest.approx([sum(projected) / p for p in projected], rel=1e-5)
 
 
-def test_lps_spread_zero_keeps_unit_weights_and_negative_spread_is_refused():
-    balancer = build_balancer(_config("lps", window=1, spread=0.0), TASKS)
+def test_lps_window_longer_than_the_run_keeps_the_configured_weights():
+    balancer = build_balancer(_config("lps", window=1000, spread=7.5), TASKS)
     for step, scale in enumerate([1.0, 0.5, 0.9, 0.2]):  # losses falling at very different rates
         losses = {"semseg": torch.tensor(2.0 * scale), "depth": torch.tensor(0.5), "edge": torch.tensor(0.01 / scale)}
         _, weights = balancer.combine(losses, step)
         assert weights == pytest.approx(dict.fromkeys(TASKS, 1.0))
-    with pytest.raises(ConfigError, match="spread must be >= 0"):
-        build_balancer(_config("lps", spread=-1.0), TASKS)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"spread": -1.0}, "spread"), ({"spread": float("nan")}, "spread"), ({"min_weight": 0.0}, "min_weight"),
+        ({"min_weight": float("inf")}, "min_weight"), ({"floor": "relative"}, "floor"),
+        ({"normalize": "mean"}, "normalize"), ({"projection": "sqrt"}, "projection"),
+    ],
+)
+def test_lps_bad_options_are_config_errors(args, message):
+    with pytest.raises(ConfigError, match=f"loss.balancer_args.{message}"):
+        build_balancer(_config("lps", **args), TASKS)
 
 
 def test_dwa_formula():
@@ -208,11 +231,13 @@ def test_balancer_params_in_state_dict():
     assert "log_vars" in build_balancer(_config("uncertainty"), TASKS).state_dict()
 
 
+@pytest.mark.parametrize("placement", ["official", "in_task"])
 @pytest.mark.parametrize("name", ["lps", "dwa", "uncertainty"])
-def test_engine_objective_backpropagates_the_weighted_total(name):
-    """Through the engine's Objective (with deep supervision), d total / d pred_t = w_t dL_t / d pred_t."""
+def test_engine_objective_backpropagates_the_weighted_total(name, placement):
+    """Through the engine's Objective, d total / d pred_t = w_t dL_t / d pred_t; deep supervision gets
+    0.5 dL / d side outside the weighting (official) or w_t 0.5 dL / d side inside it (in_task)."""
     from densemtl.dataset_info import DatasetInfo
-    from densemtl.engine.objective import Objective, resize_target
+    from densemtl.engine.objective import Objective, to_target_size
     from densemtl.tasks import build_tasks
 
     info = DatasetInfo(name="toy", tasks=tuple(TASKS), num_classes={"semseg": 3})
@@ -221,7 +246,7 @@ def test_engine_objective_backpropagates_the_weighted_total(name):
         LossConfig(balancer=name, balancer_args={"projection": "none"} if name == "lps" else {}), TASKS
     )
     _perturb(balancer)
-    objective = Objective(tasks, balancer, traceback_weight=0.5)
+    objective = Objective(tasks, balancer, traceback_weight=0.5, deep_supervision=placement)
     torch.manual_seed(0)
     batch = {
         "semseg": torch.randint(0, 3, (2, 8, 8)),
@@ -235,11 +260,14 @@ def test_engine_objective_backpropagates_the_weighted_total(name):
     total.backward()
     for t, task in tasks.items():
         alone_pred, alone_side = torch.autograd.grad(
-            task.loss(pred[t], batch[t]) + 0.5 * task.loss(side[t], resize_target(batch[t], (4, 4))), [pred[t], side[t]]
+            task.loss(pred[t], batch[t]) + 0.5 * task.loss(to_target_size(side[t], batch[t]), batch[t]),
+            [pred[t], side[t]],
         )
         weight = figures[f"weight/{t}"].item()
+        assert weight != pytest.approx(1.0)  # the perturbed weights tell the two placements apart
+        side_weight = weight if placement == "in_task" else 1.0
         torch.testing.assert_close(pred[t].grad, weight * alone_pred, rtol=1e-4, atol=1e-8)
-        torch.testing.assert_close(side[t].grad, weight * alone_side, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(side[t].grad, side_weight * alone_side, rtol=1e-4, atol=1e-8)
 
 
 def test_gradnorm_last_parameters_restricts_the_norms():

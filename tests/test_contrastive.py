@@ -150,7 +150,7 @@ def test_labels_reach_the_feature_grid_by_their_cell_centres() -> None:
     assert odd.shape == (2, 1, 3, 3) and odd[0, 0, 1, 1] == 5.0 and odd.sum() == 10.0
 
 
-@pytest.mark.parametrize("loss", ["infonce", "triplet"])
+@pytest.mark.parametrize("loss", ["infonce", "triplet", "triplet_batch_hard"])
 def test_losses_are_minimal_for_label_consistent_embeddings(loss: str) -> None:
     labels = torch.randint(0, 4, (200, 1), generator=torch.Generator().manual_seed(0))
     positive, negative = ClassRelation(binary=False).relate(labels)
@@ -159,9 +159,68 @@ def test_losses_are_minimal_for_label_consistent_embeddings(loss: str) -> None:
     if loss == "infonce":
         low, high = (infonce_loss(z, positive, negative, 0.1) for z in (consistent, shuffled))
         assert low < 0.05 and high > 2.0
-    else:
-        low, high = (triplet_loss(z, positive, negative, 0.3) for z in (consistent, shuffled))
+    elif loss == "triplet":  # random triplets of shuffled codes: d_ap, d_an in {0, 1}, mean about 0.43
+        low, high = (triplet_loss(z, positive, negative, 0.3, "sampled", torch.Generator().manual_seed(2))
+                     for z in (consistent, shuffled))
+        assert low == 0 and high > 0.3
+    else:  # the hardest positive is 1 away and the nearest negative 0 for almost every anchor
+        low, high = (triplet_loss(z, positive, negative, 0.3, "batch_hard") for z in (consistent, shuffled))
         assert low == 0 and high > 1.0
+
+
+def _hand_triplets() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Anchor a = (1, 0) with positives p = (0.6, 0.8), p2 = (0, -1) and negative n = (0, 1).
+
+    Cosine distances from a: p 0.4, p2 1.0, n 1.0. Only a is an anchor (the other rows have no pairs).
+    """
+    embedding = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, -1.0], [0.0, 1.0]])
+    positive = torch.zeros(4, 4, dtype=torch.bool)
+    negative = torch.zeros(4, 4, dtype=torch.bool)
+    positive[0, 1] = positive[0, 2] = True
+    negative[0, 3] = True
+    return embedding, positive, negative
+
+
+def test_triplet_loss_on_a_hand_computed_case() -> None:
+    embedding, positive, negative = _hand_triplets()
+    only_p = positive.clone()
+    only_p[0, 2] = False  # one positive, one negative: both minings give relu(0.4 - 1.0 + margin)
+    for mining in ("sampled", "batch_hard"):
+        for margin, expected in ((0.3, 0.0), (0.7, 0.1), (0.8, 0.2)):
+            loss = triplet_loss(embedding, only_p, negative, margin, mining, torch.Generator().manual_seed(0))
+            assert loss.item() == pytest.approx(expected, abs=1e-6)
+    # two positives: batch-hard always takes p2 (1.0 - 1.0 + 0.3); sampled draws p (0) or p2 (0.3)
+    hard = triplet_loss(embedding, positive, negative, 0.3, "batch_hard")
+    assert hard.item() == pytest.approx(0.3, abs=1e-6)
+    drawn = [triplet_loss(embedding, positive, negative, 0.3, "sampled", torch.Generator().manual_seed(seed)).item()
+             for seed in range(40)]
+    assert set(round(value, 6) for value in drawn) == {0.0, 0.3}
+    assert 0.1 < sum(drawn) / len(drawn) < 0.2  # each positive about half of the time
+
+
+def test_the_default_is_the_sampled_triplet_loss() -> None:
+    config = ContrastiveConfig()
+    assert (config.loss, config.mining) == ("triplet", "sampled")
+    embedding, positive, negative = _hand_triplets()
+    reg = regularizer(["semseg", "depth"], projector_dim=2)
+    reg.projectors["semseg__from__depth"] = torch.nn.Identity()
+
+    class HandRelation(LabelRelation):
+        """Pixel k carries the label k + 1 and relates to the others as row k of the hand case."""
+
+        def valid(self, target: torch.Tensor) -> torch.Tensor:
+            return target[:, 0] > 0
+
+        def relate(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            index = values[:, 0].long() - 1
+            return positive[index][:, index], negative[index][:, index]
+
+    reg.relations["depth"] = HandRelation()
+    features = embedding.T.reshape(1, 2, 2, 2)  # four pixels on a 2 x 2 grid, in the rows' order
+    labels = torch.arange(1.0, 5.0).reshape(1, 1, 2, 2)
+    losses = {reg.pair_loss("semseg", "depth", features, labels, torch.Generator().manual_seed(seed))[0].item()
+              for seed in range(20)}
+    assert {round(value, 6) for value in losses} == {0.0, 0.3}  # sampled, not batch-hard (always 0.3)
 
 
 def test_losses_are_none_without_both_kinds_of_pair() -> None:
@@ -198,7 +257,7 @@ def test_regularizer_is_minimal_for_features_that_encode_the_source_labels(loss:
     pairs = [reg.pair_loss("saliency", source, features, batch[source], generator) for features in (one_hot, shuffled)]
     (low, usable), (high, _) = pairs
     assert usable
-    assert low.item() < 0.05 and high.item() > 10 * max(low.item(), 0.05)
+    assert low.item() < 0.05 and high.item() > 5 * max(low.item(), 0.05)  # sampled triplets: about 0.4
 
 
 def test_gradients_reach_every_decoder_feature_and_the_used_projectors() -> None:

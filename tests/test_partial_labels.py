@@ -92,7 +92,7 @@ def _batch(labelled_depth: list[bool]) -> tuple[dict, dict]:
 def test_the_loss_is_the_mean_over_labelled_samples_and_a_batch_without_any_is_harmless(balancer):
     objective, tasks = _objective(balancer)
     batch, pred = _batch([True, False, True, False])
-    losses, _ = objective.task_losses({"pred": pred}, batch)
+    losses, _, _ = objective.task_losses({"pred": pred}, batch)
     keep = torch.tensor([True, False, True, False])
     torch.testing.assert_close(losses["depth"], tasks["depth"].loss(pred["depth"][keep], batch["depth"][keep]))
     torch.testing.assert_close(losses["semseg"], tasks["semseg"].loss(pred["semseg"], batch["semseg"]))

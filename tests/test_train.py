@@ -18,7 +18,7 @@ from densemtl.cli import main
 from densemtl.config import to_dict
 from densemtl.data import build_dataset
 from densemtl.engine.checkpoint import load_checkpoint, load_model, nonfinite_tensors
-from densemtl.engine.objective import Objective, resize_target
+from densemtl.engine.objective import Objective, to_target_size
 from densemtl.engine.predict import predict_images
 from densemtl.engine.schedule import lr_factor
 from densemtl.engine.trainer import Trainer, parameter_groups
@@ -133,22 +133,30 @@ def test_nan_loss_stops_naming_the_task_and_keeps_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
 
 
-def test_objective_adds_deep_supervision_extra_losses_and_hook_terms(tmp_path: Path) -> None:
+@pytest.mark.parametrize("placement", ["official", "in_task"])
+def test_objective_adds_deep_supervision_extra_losses_and_hook_terms(tmp_path: Path, placement: str) -> None:
     info = build_dataset(tiny_config(tmp_path).data, "val", train=False).info
     tasks = build_tasks(["semseg", "depth"], info)
     config = tiny_config(tmp_path, "data.tasks=[semseg,depth]", "loss.weights={semseg: 2.0, depth: 1.0}")
-    objective = Objective(tasks, build_balancer(config.loss, list(tasks)), traceback_weight=0.5)
+    objective = Objective(tasks, build_balancer(config.loss, list(tasks)), traceback_weight=0.5,
+                          deep_supervision=placement)
     torch.manual_seed(0)
     batch = {"semseg": torch.randint(0, 13, (2, 8, 12)), "depth": torch.rand(2, 1, 8, 12) + 0.5}
     pred = {"semseg": torch.randn(2, 13, 8, 12), "depth": torch.rand(2, 1, 8, 12)}
-    inter = {"semseg": [torch.randn(2, 13, 4, 6)]}
+    inter = {"semseg": [torch.randn(2, 13, 4, 6), torch.randn(2, 13, 8, 12)]}
     output = {"pred": pred, "intermediate": inter, "extra_losses": {"l0": torch.tensor(0.25)}}
     total, figures = objective(output, batch, step=0, shared=[], extra={"hook": torch.tensor(1.5)})
-    small = resize_target(batch["semseg"], (4, 6))
-    assert small.dtype == torch.int64 and torch.equal(small, batch["semseg"][:, ::2, ::2])
+    upsampled, full = (to_target_size(raw, batch["semseg"]) for raw in inter["semseg"])
+    assert upsampled.shape == (2, 13, 8, 12) and full is inter["semseg"][1]
     semseg = tasks["semseg"].loss(pred["semseg"], batch["semseg"])
-    semseg = semseg + 0.5 * tasks["semseg"].loss(inter["semseg"][0], small)
-    expected = 2.0 * semseg + tasks["depth"].loss(pred["depth"], batch["depth"]) + 0.25 + 1.5
+    deep = tasks["semseg"].loss(upsampled, batch["semseg"]) + tasks["semseg"].loss(full, batch["semseg"])
+    depth = tasks["depth"].loss(pred["depth"], batch["depth"])
+    if placement == "official":  # outside the task weight (2.0), full-resolution targets, 0.5 per head
+        expected = 2.0 * semseg + depth + 0.5 * deep + 0.25 + 1.5
+        assert torch.allclose(figures["loss/deep_supervision"], 0.5 * deep)
+    else:
+        expected = 2.0 * (semseg + 0.5 * deep) + depth + 0.25 + 1.5
+        assert "loss/deep_supervision" not in figures
     assert torch.allclose(total, expected)
     assert set(figures) >= {"loss/semseg", "loss/semseg_intermediate", "loss/l0", "loss/hook", "weight/semseg"}
     with pytest.raises(TrainingDiverged, match="'l0'"):

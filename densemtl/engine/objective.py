@@ -1,9 +1,13 @@
 """The training objective: per-task losses, deep supervision, balancing, extra terms, regularizer.
 
-``total = balancer.combine({t: L_t}) + sum(model extra_losses) + sum(hook losses) + regularizer``, where
-``L_t = Task.loss(pred_t, target_t) + traceback_weight * sum_i Task.loss(intermediate_t_i, target_t
-resized nearest)``: deep-supervision outputs belong to their task, so the task's weight applies to them.
-A non-finite term stops training with :class:`TrainingDiverged` naming it.
+``total = balancer.combine({t: L_t}) + deep supervision + sum(model extra_losses) + sum(hook losses) +
+regularizer``. ``L_t = Task.loss(pred_t, target_t)`` and, with ``mtcp.deep_supervision: official`` (as
+MT-CP's released code), deep supervision is ``traceback_weight * sum_t sum_i Task.loss(intermediate_t_i,
+target_t)`` outside the balancer: neither the task weights nor a dynamic balancer scale it, and the
+balancer's statistics see only the final outputs. With ``in_task`` the same sum of each task is added to
+``L_t`` instead, so the task's weight and the balancer apply to it. Deep-supervision outputs smaller than
+their target are upsampled to it (bilinear, as the released code does). A non-finite term stops training
+with :class:`TrainingDiverged` naming it.
 
 Partial labels: ``L_t`` is computed on the samples of the batch that have task ``t``'s label
 (:func:`densemtl.data.base.labelled_mask`), so it is their mean; a task without any labelled sample in the
@@ -26,13 +30,11 @@ from densemtl.models.output import ModelOutput
 from densemtl.tasks import Task
 
 
-def resize_target(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A batch target (B x H x W labels or B x C x H x W maps) resized with nearest neighbour."""
-    if tuple(target.shape[-2:]) == tuple(size):
-        return target
-    if target.dim() == 3:
-        return F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0].to(target.dtype)
-    return F.interpolate(target.float(), size=size, mode="nearest").to(target.dtype)
+def to_target_size(raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A raw output upsampled (bilinear) to its target's height and width."""
+    if tuple(raw.shape[-2:]) == tuple(target.shape[-2:]):
+        return raw
+    return F.interpolate(raw, size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
 
 
 def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -78,19 +80,24 @@ class Objective(nn.Module):
 
     def __init__(
         self, tasks: dict[str, Task], balancer: nn.Module, regularizer: nn.Module | None = None,
-        traceback_weight: float = 0.5,
+        traceback_weight: float = 0.5, deep_supervision: str = "official",
     ) -> None:
         super().__init__()
         self.tasks = tasks
         self.balancer = balancer
         self.regularizer = regularizer
         self.traceback_weight = traceback_weight
+        self.deep_supervision_in_task = deep_supervision == "in_task"
         self.extra_terms: list[torch.Tensor] = []  # kept for the per-task gradient path (engine/task_gradients.py)
 
-    def task_losses(self, output: ModelOutput, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
-        """Each labelled task's loss (final + weighted deep supervision) and the parts to log."""
+    def task_losses(
+        self, output: ModelOutput, batch: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None]:
+        """Each task's loss for the balancer, the parts to log, and the deep-supervision term kept
+        outside the balancer (None when there is none or it sits inside the task losses)."""
         losses: dict[str, torch.Tensor] = {}
         parts: dict[str, torch.Tensor] = {}
+        outside = []
         intermediate = output.get("intermediate") or {}
         for name, task in self.tasks.items():
             present = labelled_mask(batch, name)
@@ -99,14 +106,18 @@ class Objective(nn.Module):
             target = _labelled(present, batch[name])
             loss = task.loss(_labelled(present, output["pred"][name]), target)
             parts[name] = loss
-            extras = [task.loss(raw, resize_target(target, raw.shape[-2:]))
-                      for raw in (_labelled(present, side) for side in intermediate.get(name, []))]
+            extras = [task.loss(to_target_size(_labelled(present, raw), target), target)
+                      for raw in intermediate.get(name, [])]
             if extras:
                 deep = torch.stack(extras).sum()
                 parts[f"{name}_intermediate"] = deep
-                loss = loss + self.traceback_weight * deep
+                if self.deep_supervision_in_task:
+                    loss = loss + self.traceback_weight * deep
+                else:
+                    outside.append(deep)
             losses[name] = loss
-        return losses, parts
+        deep_term = self.traceback_weight * torch.stack(outside).sum() if outside else None
+        return losses, parts, deep_term
 
     def forward(
         self,
@@ -117,13 +128,14 @@ class Objective(nn.Module):
         extra: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(total, figures)``; figures hold each task's loss, its weight and every extra term."""
-        losses, parts = self.task_losses(output, batch)
+        losses, parts, deep_term = self.task_losses(output, batch)
         check_finite(parts, step)
         total, weights = self.balancer.combine(losses, step, shared) if losses else (0.0, {})
         total = total + unlabelled_outputs(output, set(self.tasks) - set(losses))
         figures = {f"loss/{name}": value.detach() for name, value in parts.items()}
         figures.update({f"weight/{name}": torch.as_tensor(float(w)) for name, w in weights.items()})
-        terms = dict(output.get("extra_losses") or {})
+        terms = {} if deep_term is None else {"deep_supervision": deep_term}
+        terms.update(output.get("extra_losses") or {})
         terms.update(extra or {})
         if self.regularizer is not None:
             terms["contrastive"] = self.regularizer(output["features"], batch)
@@ -153,4 +165,4 @@ def build_objective(
 
         regularizer = ContrastiveRegularizer(config.contrastive, tasks, feature_channels)
     balancer = build_balancer(config.loss, list(tasks), steps_per_epoch)
-    return Objective(tasks, balancer, regularizer, config.mtcp.traceback_weight)
+    return Objective(tasks, balancer, regularizer, config.mtcp.traceback_weight, config.mtcp.deep_supervision)

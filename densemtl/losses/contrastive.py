@@ -6,7 +6,10 @@ sampled from the batch, and ``s``'s ground truth decides which pairs of those pi
 (positives) and which far apart (negatives). So each decoder is pushed to carry the structure of the
 other tasks' labels, while the projectors are dropped at inference: the model itself is unchanged.
 
-Choices the paper leaves open (all in ``config.contrastive``):
+What follows the paper and what is densemtl's (the paper's method section was not available to us;
+its figure captions were: a random source per target and iteration, one projector per task pair
+producing a projection map, pixels sampled with positives and negatives defined by the source's
+ground truth, a triplet loss on the selected pixels). docs/results/contrastive.md has the full table.
 
 - **Where pixels are sampled.** The source labels are brought to the decoder feature grid by nearest
   neighbour (each cell takes the label at its centre pixel), so a sampled feature vector and its label
@@ -22,11 +25,12 @@ Choices the paper leaves open (all in ``config.contrastive``):
   :class:`~densemtl.label_relations.LabelRelation` (:meth:`densemtl.tasks.Task.label_relation`, with
   the thresholds of ``config.contrastive``) says which are positives, negatives or ignored.
 - **Losses** on cosine similarities of the unit embeddings; an anchor counts only when it has at least
-  one positive and one negative. ``infonce``: supervised-contrastive with several positives, each
-  positive contrasted against all the anchor's negatives,
-  ``mean_p softplus(logsumexp_n(s_an / T) - s_ap / T)``, which tends to zero for label-consistent
-  embeddings. ``triplet``: batch-hard, ``relu(max_p d_ap - min_n d_an + margin)`` with ``d = 1 - cos``,
-  exactly zero once every positive is closer than every negative by the margin.
+  one positive and one negative. ``triplet`` (default, the paper's loss): each sampled pixel is an
+  anchor with one positive and one negative, ``relu(d_ap - d_an + margin)`` with ``d = 1 - cos``;
+  ``mining: sampled`` (default) draws the positive and the negative at random among the anchor's,
+  ``batch_hard`` takes the farthest positive and the nearest negative. ``infonce`` (an option):
+  supervised-contrastive with several positives, each positive contrasted against all the anchor's
+  negatives, ``mean_p softplus(logsumexp_n(s_an / T) - s_ap / T)``.
 - **Total**: ``weight`` x the mean over target tasks that had at least one usable anchor; a batch
   with none gives a zero that still carries a graph (so ``backward`` works).
 - **Randomness** (source draws and samples) comes from the ``generator`` passed in, or else from a
@@ -106,17 +110,47 @@ def infonce_loss(
     return (per_pair.sum(dim=1) / pos.sum(dim=1)).mean()
 
 
+def _sampled_pair(distance: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One positive and one negative per anchor, each drawn uniformly among the anchor's own."""
+
+    def pick(mask: torch.Tensor) -> torch.Tensor:
+        keys = torch.rand(mask.shape, generator=generator, device=generator.device if generator else None)
+        index = keys.to(mask.device).masked_fill(~mask, -1.0).argmax(dim=1, keepdim=True)
+        return distance.gather(1, index)[:, 0]
+
+    return pick(positive), pick(negative)
+
+
+def _hardest_pair(distance: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The farthest positive and the nearest negative of each anchor (batch-hard mining)."""
+    hardest_positive = distance.masked_fill(~positive, -math.inf).amax(dim=1)
+    hardest_negative = distance.masked_fill(~negative, math.inf).amin(dim=1)
+    return hardest_positive, hardest_negative
+
+
+# contrastive.mining -> (anchor-positive, anchor-negative) distances of each anchor's triplet
+MINING = {"sampled": _sampled_pair, "batch_hard": _hardest_pair}
+
+
 def triplet_loss(
-    embedding: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float
+    embedding: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    margin: float,
+    mining: str = "sampled",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | None:
-    """Batch-hard triplet loss on cosine distance; None when no anchor has both kinds of pair."""
+    """``mean relu(d_ap - d_an + margin)`` over anchors, ``d = 1 - cos``; None when no anchor has both
+    kinds of pair. Every sampled pixel with a positive and a negative is an anchor; ``mining`` picks its
+    positive and negative (``sampled``: drawn at random, ``batch_hard``: the hardest of each)."""
     anchors = positive.any(dim=1) & negative.any(dim=1)
     if not anchors.any():
         return None
     distance = 1 - embedding[anchors] @ embedding.T
-    hardest_positive = distance.masked_fill(~positive[anchors], -math.inf).amax(dim=1)
-    hardest_negative = distance.masked_fill(~negative[anchors], math.inf).amin(dim=1)
-    return F.relu(hardest_positive - hardest_negative + margin).mean()
+    d_ap, d_an = MINING[mining](distance, positive[anchors], negative[anchors], generator)
+    return F.relu(d_ap - d_an + margin).mean()
 
 
 class Projector(nn.Module):
@@ -178,7 +212,7 @@ class ContrastiveRegularizer(nn.Module):
         embedding = self.projectors[_pair_key(target, source)](features[b, :, y, x].float())
         positive, negative = relation.relate(relation.values(labels, sample))
         if self.config.loss == "triplet":
-            loss = triplet_loss(embedding, positive, negative, self.config.margin)
+            loss = triplet_loss(embedding, positive, negative, self.config.margin, self.config.mining, generator)
         else:
             loss = infonce_loss(embedding, positive, negative, self.config.temperature)
         if loss is None:

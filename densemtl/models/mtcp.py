@@ -5,11 +5,16 @@ Data flow (C = ``model.head_channels``, stage sizes are the backbone strides 32/
 1. The shared backbone gives four levels; shared 1x1 laterals map them to ``model.neck_channels``.
 2. Per task, a top-down decoder (coarse to fine) gives stage features ``D_t^32 .. D_t^4`` (C channels),
    fused FPN-style (all stages upsampled to 1/4 and summed, then a 3x3 conv) into ``X_t`` at 1/4.
-3. :class:`CrossTaskFusion` per task turns ``X_t`` (and the other tasks' ``X``) into ``F_t``.
-4. :class:`TraceBack` per task walks the decoder stages from the coarsest to the finest, refining the
-   prediction features ``P`` (kept at 1/4, starting from ``F_t``) and the stage features; each step has
-   an intermediate head (deep supervision, loss weight ``mtcp.traceback_weight`` in the objective).
-5. A final head per task gives the raw output at the input size; ``features`` is the final ``P``.
+3. The CFM per task (``mtcp.cfm``) turns ``X_t`` and the other tasks' ``X`` into ``F_t``:
+   ``official`` (:class:`OfficialFusion`) is the layout of MT-CP's released code, generalised to any
+   task count and width; ``bounded`` (:class:`BoundedFusion`) is densemtl's earlier residual layout.
+4. The trace-back per task (``mtcp.traceback``) walks the decoder stages from coarse to fine:
+   ``official`` (:class:`OfficialTraceBack`) as the released code, three steps over the three finest
+   stages passing refined stage features down, intermediate heads on the first two;
+   ``residual`` (:class:`ResidualTraceBack`) densemtl's earlier chain over every stage.
+5. A final head per task gives the raw output at the input size; ``features`` is the trace-back's
+   final map at 1/4. In training, ``intermediate`` holds the deep-supervision outputs upsampled to the
+   input size (as the released code does); the objective weights them (``mtcp.traceback_weight``).
 
 The cosine consistency term (``mtcp.consistency_weight`` > 0) aligns the fused representations of
 every pair of tasks after a per-task 1x1 projection into a common space; the projections exist only
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densemtl.errors import ConfigError
 from densemtl.models.architecture import Architecture
 from densemtl.models.backbones import build_backbone
 from densemtl.models.decoders import conv_bn_relu, resize_to_input
@@ -67,6 +73,93 @@ class TaskDecoder(nn.Module):
         return stages, self.fuse(fused)
 
 
+def key_grid(height: int, width: int, attention_size: int | None) -> tuple[int, int]:
+    """The grid that CFM keys and values are pooled to for a ``height`` x ``width`` map (aspect kept)."""
+    factor = 1 if attention_size is None else math.ceil(max(height, width) / attention_size)
+    if factor <= 1:
+        return height, width
+    return math.ceil(height / factor), math.ceil(width / factor)
+
+
+def position_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_size: int | None, scale: float | None
+) -> torch.Tensor:
+    """``softmax(q^T k * scale) v`` over positions (B x C x H x W maps); keys and values are pooled to
+    :func:`key_grid` first, queries keep the full resolution, so the output has ``value``'s channels at
+    ``query``'s size. ``scale=None`` is ``1 / sqrt(d)``."""
+    b, _, h, w = query.shape
+    grid = key_grid(h, w, attention_size)
+
+    def tokens(x: torch.Tensor, pool: bool) -> torch.Tensor:
+        if pool and grid != (h, w):
+            x = F.adaptive_avg_pool2d(x, grid)
+        return x.flatten(2).transpose(1, 2)[:, None]
+
+    out = F.scaled_dot_product_attention(tokens(query, False), tokens(key, True), tokens(value, True), scale=scale)
+    return out[:, 0].transpose(1, 2).reshape(b, -1, h, w)
+
+
+class CBAM(nn.Module):
+    """Channel then spatial attention, as the released MT-CP code builds it (Woo et al., 2018).
+
+    Channels: a shared MLP ``C -> C/16 -> C`` on the global average and the global max, summed,
+    sigmoid. Positions: channel max and mean -> 7x7 conv (no bias) -> BatchNorm (momentum 0.01) ->
+    sigmoid.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
+        self.spatial = nn.Sequential(nn.Conv2d(2, 1, 7, padding=3, bias=False), nn.BatchNorm2d(1, momentum=0.01))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.mlp(x.mean(dim=(2, 3))) + self.mlp(x.amax(dim=(2, 3)))
+        x = x * torch.sigmoid(gate)[:, :, None, None]
+        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial(pooled))
+
+
+def cbam_bn(channels: int, relu: bool = False) -> nn.Sequential:
+    """CBAM then BatchNorm (then ReLU): the normalised attention blocks of the released CFM."""
+    layers: list[nn.Module] = [CBAM(channels), nn.BatchNorm2d(channels)]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
+
+
+class OfficialFusion(nn.Module):
+    """CFM as MT-CP's released code lays it out (``mtcp.cfm: official``), for any task count and width.
+
+    Values: ``BN(CBAM(X_t))``, this task's own features. The other tasks' ``X_s`` are each gated by
+    ``sigmoid(1x1 conv(X_s))``, concatenated and merged by a 1x1 conv to 2C channels + ReLU; two
+    separate ``ReLU(BN(CBAM(.)))`` branches of that give queries and keys, so the affinities
+    ``A = softmax(q^T k)`` (no 1/sqrt(d) scaling) come from the other tasks only. The output is
+    ``BN(CBAM(A v))``, with no residual connection. With three tasks and C = 256 this is the released
+    module exactly (two gates of 256, a 512 -> 512 merge). ``attention_size`` pools keys and values
+    (None = full attention, as released).
+    """
+
+    def __init__(self, channels: int, num_others: int, attention_size: int | None) -> None:
+        super().__init__()
+        if num_others < 1:
+            raise ConfigError("mtcp.cfm: 'official' takes its attention from the other tasks and needs at least "
+                              "two tasks; use mtcp.cfm=bounded for one")
+        self.attention_size = attention_size
+        self.value = cbam_bn(channels)
+        self.gates = nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in range(num_others))
+        self.merge = nn.Sequential(nn.Conv2d(num_others * channels, 2 * channels, 1), nn.ReLU(inplace=True))
+        self.query = cbam_bn(2 * channels, relu=True)
+        self.key = cbam_bn(2 * channels, relu=True)
+        self.out = cbam_bn(channels)
+
+    def forward(self, own: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+        gated = [x * torch.sigmoid(gate(x)) for gate, x in zip(self.gates, others, strict=True)]
+        merged = self.merge(torch.cat(gated, dim=1))
+        attended = position_attention(
+            self.query(merged), self.key(merged), self.value(own), self.attention_size, scale=1.0
+        )
+        return self.out(attended)
+
+
 class ChannelSpatialAttention(nn.Module):
     """Squeeze-excitation over channels, then a 7x7 gate over positions from channel mean and max."""
 
@@ -87,19 +180,15 @@ class ChannelSpatialAttention(nn.Module):
         return x * torch.sigmoid(self.spatial(pooled))
 
 
-class CrossTaskFusion(nn.Module):
-    """CFM for one task: ``F_t = main + gamma W(A g(main)) + aux`` (``gamma`` learnable, starts at 0).
+class BoundedFusion(nn.Module):
+    """densemtl's earlier CFM (``mtcp.cfm: bounded``): ``F_t = main + gamma W(A g(main)) + aux``.
 
     ``main`` is ``X_t`` after channel and spatial attention; ``aux`` merges the other tasks' ``X_s``,
-    each gated elementwise by ``sigmoid(1x1 conv(X_s))``. ``A = softmax(theta(main)^T phi(aux) / sqrt(d))``
-    is attention over positions: queries from this task, keys from the other tasks (where they see
-    similar structure), values from this task, so cross-task affinities route this task's features.
-
-    Memory: full attention needs (h w)^2 scores (19200^2 at 1/4 of 480x640). With ``attention_size``
-    set (the default), keys and values are average-pooled to a grid of at most that many cells per
-    side, keeping the aspect ratio; queries stay at full resolution, so the output keeps its
-    resolution but each position attends to region averages instead of single positions (detail
-    finer than one cell is not matched). ``None`` attends over all positions.
+    each gated elementwise by ``sigmoid(1x1 conv(X_s))``. ``A = softmax(theta(main)^T phi(aux) / sqrt(d))``:
+    queries from this task, keys from the other tasks, values from this task. ``gamma`` is learnable
+    and starts at 0 (as in DANet) instead of a BatchNorm: the attention output is nearly constant over
+    positions, so a BatchNorm's running variance collapses and amplifies any train/eval difference.
+    Works with a single task (keys from ``main``). Meant for large maps with ``attention_size`` set.
     """
 
     def __init__(self, channels: int, num_others: int, attention_size: int | None) -> None:
@@ -113,39 +202,75 @@ class CrossTaskFusion(nn.Module):
         self.phi = nn.Conv2d(channels, inner, 1)
         self.value = nn.Conv2d(channels, inner, 1)
         self.out = nn.Conv2d(inner, channels, 1)
-        # a learnable scale from zero (as in DANet) instead of a BatchNorm: the attention output is
-        # nearly constant over positions, so a BatchNorm's running variance collapses (~1e-3) and
-        # amplifies any train/eval difference by orders of magnitude at evaluation
         self.gamma = nn.Parameter(torch.zeros(1))
-
-    def key_grid(self, height: int, width: int) -> tuple[int, int]:
-        """The grid the keys and values are pooled to for a ``height`` x ``width`` map."""
-        factor = 1 if self.attention_size is None else math.ceil(max(height, width) / self.attention_size)
-        if factor <= 1:
-            return height, width
-        return math.ceil(height / factor), math.ceil(width / factor)
-
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        grid = self.key_grid(*x.shape[-2:])
-        return x if grid == tuple(x.shape[-2:]) else F.adaptive_avg_pool2d(x, grid)
 
     def forward(self, own: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
         main = self.main(own)
         aux = None
         if self.merge is not None:
             aux = self.merge(sum(torch.sigmoid(gate(x)) * x for gate, x in zip(self.gates, others, strict=True)))
-        b, _, h, w = main.shape
-        query = self.theta(main).flatten(2).transpose(1, 2)[:, None]
-        key = self.phi(self._pool(aux if aux is not None else main)).flatten(2).transpose(1, 2)[:, None]
-        value = self.value(self._pool(main)).flatten(2).transpose(1, 2)[:, None]
-        attended = F.scaled_dot_product_attention(query, key, value)[:, 0]
-        attended = self.gamma * self.out(attended.transpose(1, 2).reshape(b, -1, h, w))
-        fused = main + attended
+        keys = self.phi(aux if aux is not None else main)
+        attended = position_attention(self.theta(main), keys, self.value(main), self.attention_size, scale=None)
+        fused = main + self.gamma * self.out(attended)
         return fused + aux if aux is not None else fused
 
 
+# mtcp.cfm -> the fusion module class
+FUSIONS: dict[str, type[nn.Module]] = {"official": OfficialFusion, "bounded": BoundedFusion}
+
+
 class RefineStep(nn.Module):
-    """One SRM step: (prediction features P at 1/4, stage features S) -> (refined P, refined S, P_stage)."""
+    """One SRM step of the released code: (passed features, stage features) -> (prediction, stage).
+
+    Both inputs go through CBAM, the passed features are resized to the stage's size, the two are
+    concatenated, and two 1x1 conv-BN-ReLU give the prediction features (C channels, at the stage's
+    size) and the refined stage features handed to the next step (none after the last step).
+    """
+
+    def __init__(self, channels: int, pass_down: bool) -> None:
+        super().__init__()
+        self.passed_attention = CBAM(channels)
+        self.stage_attention = CBAM(channels)
+        self.to_prediction = conv_bn_relu(2 * channels, channels, 1)
+        self.to_stage = conv_bn_relu(2 * channels, channels, 1) if pass_down else None
+
+    def forward(self, passed: torch.Tensor, stage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mixed = torch.cat([_resize(self.passed_attention(passed), stage.shape[-2:]), self.stage_attention(stage)], 1)
+        return self.to_prediction(mixed), self.to_stage(mixed) if self.to_stage is not None else None
+
+
+def intermediate_head(channels: int, out_channels: int) -> nn.Sequential:
+    """1x1 conv-BN-ReLU then a 1x1 classifier (the released code's heads are 1x1 stacks of this kind)."""
+    return nn.Sequential(conv_bn_relu(channels, channels, 1), nn.Conv2d(channels, out_channels, 1))
+
+
+class OfficialTraceBack(nn.Module):
+    """The released trace-back (``mtcp.traceback: official``): three steps over the three finest stages.
+
+    Step 0 takes the CFM output and the 1/16 stage, step 1 the refined stage of step 0 and the 1/8
+    stage, step 2 that of step 1 and the 1/4 stage. Each step's prediction features are at its stage's
+    size; the first two feed the intermediate ``heads``, the last is the final feature map (1/4).
+    ``forward`` returns the final map and the intermediate heads' inputs.
+    """
+
+    steps_used = 3
+
+    def __init__(self, channels: int, out_channels: int, levels: int) -> None:
+        super().__init__()
+        count = min(self.steps_used, levels)
+        self.steps = nn.ModuleList(RefineStep(channels, pass_down=k < count - 1) for k in range(count))
+        self.heads = nn.ModuleList(intermediate_head(channels, out_channels) for _ in range(count - 1))
+
+    def forward(self, fused: torch.Tensor, stages: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        passed, predictions = fused, []
+        for step, stage in zip(self.steps, stages[-len(self.steps):], strict=True):
+            prediction, passed = step(passed, stage)
+            predictions.append(prediction)
+        return predictions[-1], predictions[:-1]
+
+
+class ResidualRefineStep(nn.Module):
+    """One step of densemtl's earlier chain: (P at 1/4, stage S) -> (P + refinement, S + refinement)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -159,29 +284,34 @@ class RefineStep(nn.Module):
         return refined_prediction, stage + self.to_stage(mixed)
 
 
-class TraceBack(nn.Module):
-    """The SRM chain over the decoder stages, coarsest first, with one intermediate head per step.
+class ResidualTraceBack(nn.Module):
+    """densemtl's earlier chain (``mtcp.traceback: residual``): one step per stage, coarsest first.
 
     Step k takes the stage feature ``D^k`` plus the refined stage feature of step k-1 (upsampled), and
-    the current prediction features; it adds a refinement to the prediction features (kept at 1/4)
-    and hands its refined stage feature down the chain. The last step's prediction features feed the
-    final head.
+    the current prediction features; it adds a refinement to the prediction features (kept at 1/4,
+    starting from the CFM output) and hands its refined stage feature down. A 1x1 intermediate head
+    on every step's prediction features; the last ones are the final feature map. ``forward`` returns
+    the final map and the intermediate heads' inputs.
     """
 
     def __init__(self, channels: int, out_channels: int, levels: int) -> None:
         super().__init__()
-        self.steps = nn.ModuleList(RefineStep(channels) for _ in range(levels))
+        self.steps = nn.ModuleList(ResidualRefineStep(channels) for _ in range(levels))
         self.heads = nn.ModuleList(nn.Conv2d(channels, out_channels, 1) for _ in range(levels))
 
     def forward(self, prediction: torch.Tensor, stages: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        intermediate = []
+        predictions = []
         passed = None
-        for step, head, stage in zip(self.steps, self.heads, stages, strict=True):
+        for step, stage in zip(self.steps, stages, strict=True):
             if passed is not None:
                 stage = stage + _resize(passed, stage.shape[-2:])
             prediction, passed = step(prediction, stage)
-            intermediate.append(head(prediction))
-        return prediction, intermediate
+            predictions.append(prediction)
+        return prediction, predictions
+
+
+# mtcp.traceback -> the trace-back module class
+TRACEBACKS: dict[str, type[nn.Module]] = {"official": OfficialTraceBack, "residual": ResidualTraceBack}
 
 
 class FinalHead(nn.Module):
@@ -213,8 +343,9 @@ class MTCPModel(nn.Module):
         self.laterals = nn.ModuleList(nn.Conv2d(c, model_config.neck_channels, 1) for c in self.backbone.channels)
         names = list(tasks)
         self.decoders = nn.ModuleDict({t: TaskDecoder(model_config.neck_channels, channels, levels) for t in names})
-        self.fusion = nn.ModuleDict({t: CrossTaskFusion(channels, len(names) - 1, mtcp.attention_size) for t in names})
-        self.traceback = nn.ModuleDict({t: TraceBack(channels, task.channels, levels) for t, task in tasks.items()})
+        fusion, traceback = FUSIONS[mtcp.cfm], TRACEBACKS[mtcp.traceback]
+        self.fusion = nn.ModuleDict({t: fusion(channels, len(names) - 1, mtcp.attention_size) for t in names})
+        self.traceback = nn.ModuleDict({t: traceback(channels, task.channels, levels) for t, task in tasks.items()})
         self.heads = nn.ModuleDict({t: FinalHead(channels, task.channels) for t, task in tasks.items()})
         self.consistency_weight = mtcp.consistency_weight
         self.projectors = None
@@ -234,10 +365,13 @@ class MTCPModel(nn.Module):
         crop_h, crop_w = math.ceil(height / 4), math.ceil(width / 4)
         pred, features, intermediate = {}, {}, {}
         for t in self.decoders:
-            final, steps = self.traceback[t](fused[t], decoded[t][0])
+            traceback = self.traceback[t]
+            final, steps = traceback(fused[t], decoded[t][0])
             features[t] = final[..., :crop_h, :crop_w]
-            intermediate[t] = [raw[..., :crop_h, :crop_w] for raw in steps]
             pred[t] = self.heads[t](final, (height, width))
+            if self.training:  # deep supervision only: inference never runs the intermediate heads
+                heads = zip(traceback.heads, steps, strict=True)
+                intermediate[t] = [resize_to_input(head(x), (height, width)) for head, x in heads]
         output: ModelOutput = {"pred": pred, "features": features, "intermediate": intermediate}
         extra = {}
         if self.projectors is not None:

@@ -14,8 +14,9 @@ class ModelOutput(TypedDict, total=False):
     ``Task.predict`` take); the only entry a deployed inference form must give.
     ``features``: ``{task: B x C x h x w decoder feature}`` (what the contrastive regularizer uses);
     every trainable model gives it.
-    ``intermediate``: ``{task: [raw, ...]}`` deep-supervision outputs at any size (weighted by
-    ``mtcp.traceback_weight`` in the objective, targets resized with nearest neighbour).
+    ``intermediate``: ``{task: [raw, ...]}`` deep-supervision outputs, in training only (the objective
+    upsamples smaller ones to the target's size and weights each by ``mtcp.traceback_weight``, placed
+    as ``mtcp.deep_supervision`` says).
     ``extra_losses``: ``{name: scalar}`` loss terms already weighted (L0 penalty, consistency, ...).
     ``activations``: ``{task: {layer: activation}}`` recorded for a phase's loss hook (computation sharing's
     temporal term).

@@ -1,6 +1,8 @@
-"""The ``lps`` scheme: MT-CP's loss prioritization, optionally on log-projected losses."""
+"""The ``lps`` scheme: MT-CP's loss prioritization, scheduled as its released code does, on log-projected losses."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -8,18 +10,32 @@ from torch import Tensor
 from densemtl.errors import ConfigError
 from densemtl.losses.balancers.base import WindowedBalancer
 
+PROJECTIONS = ("log", "none")
+FLOORS = ("absolute", "none")
+NORMALIZATIONS = ("none", "sum")
+
 
 class LPSBalancer(WindowedBalancer):
     """MT-CP loss prioritization: tasks whose loss falls slower than the total get more weight.
 
-    Losses are first projected to a common scale: with ``projection: log`` each task's term is
-    ``p_t = log(1 + b_t L_t)`` (positive, compresses the spread of loss magnitudes; its gradient is
-    ``b_t grad L_t / (1 + b_t L_t)``), with ``none`` it is ``b_t L_t``. The total back-propagated is
-    ``sum w_t p_t``. Per window, with ``P`` the window means of ``p`` and ``P_tot = sum P``:
-    first window ``w_t = P_tot / P_t``; afterwards ``w_t = (P_t^e / P_t^{e-1}) / (P_tot^e / P_tot^{e-1})``.
-    Then ``w <- mean(w) + spread (w - mean(w))``, clipped to at least ``min_weight * mean(w)`` and
-    normalised to sum to the number of tasks. Weights are 1 during the first window; ``spread: 0`` keeps
-    them at 1 throughout (the log projection alone, an ablation of the prioritization).
+    Projection: with ``projection: log`` (default) each task's term is ``p_t = log(1 + b_t L_t)``, the
+    paper's idea of putting the losses on a common logarithmic scale (the released code has this line
+    commented out); with ``none`` it is ``b_t L_t``, as the released code runs. The total
+    back-propagated is ``sum w_t p_t``. The schedule follows the released code, one window standing for
+    its epoch, with ``P`` the window means of ``p`` and ``P_tot = sum P``:
+
+    - first window: ``w_t = 1`` (the configured weights ``b_t``);
+    - after it: ``w_t = P_tot / P_t``, without spread;
+    - after every later window: ``w_t = (P_t^e / P_t^{e-1}) / (P_tot^e / P_tot^{e-1})``, then
+      ``w <- mean(w) + spread (w - mean(w))``.
+
+    The spread can push weights below zero (at 7.5 on ordinary loss histories), which would make
+    training climb that task's loss; the released code never met this because its weights never reach
+    the gradient. ``floor: absolute`` (default) raises every weight to at least ``min_weight``;
+    ``floor: none`` keeps the formula's values. ``normalize: sum`` rescales the weights to sum to the
+    number of tasks; by default (``none``) they are used as computed, as in the released code.
+    Only the losses this balancer is given enter the statistic: the engine keeps deep supervision
+    outside it (``mtcp.deep_supervision: official``), as the released code does.
     """
 
     name = "lps"
@@ -32,18 +48,24 @@ class LPSBalancer(WindowedBalancer):
         spread: float = 1.6,
         window: int = 50,
         projection: str = "log",
-        min_weight: float = 0.05,
+        floor: str = "absolute",
+        min_weight: float = 0.01,
+        normalize: str = "none",
     ) -> None:
         super().__init__(task_names, base_weights, window)
-        if projection not in ("log", "none"):
-            raise ConfigError(f"loss.balancer_args.projection: expected log or none, got {projection!r}")
-        if spread < 0 or not 0 < min_weight < 1:
-            raise ConfigError(
-                f"loss.balancer_args: spread must be >= 0 and min_weight in (0, 1), got {spread}, {min_weight}"
-            )
+        for key, value, allowed in (("projection", projection, PROJECTIONS), ("floor", floor, FLOORS),
+                                    ("normalize", normalize, NORMALIZATIONS)):
+            if value not in allowed:
+                raise ConfigError(f"loss.balancer_args.{key}: expected {' or '.join(allowed)}, got {value!r}")
+        if not math.isfinite(spread) or spread < 0:
+            raise ConfigError(f"loss.balancer_args.spread: must be a finite number >= 0, got {spread}")
+        if not math.isfinite(min_weight) or min_weight <= 0:
+            raise ConfigError(f"loss.balancer_args.min_weight: must be a finite number > 0, got {min_weight}")
         self.spread = spread
         self.projection = projection
+        self.floor = floor
         self.min_weight = min_weight
+        self.normalize = normalize
 
     def _projected(self, stacked: Tensor) -> Tensor:
         scaled = self.base.to(stacked.device) * stacked
@@ -52,18 +74,21 @@ class LPSBalancer(WindowedBalancer):
     def _new_weights(self) -> Tensor:
         current = self.history[1].clamp_min(1e-12)
         if int(self.completed) == 1:
-            raw = current.sum() / current
+            weights = current.sum() / current
         else:
             previous = self.history[0].clamp_min(1e-12)
-            raw = (current / previous) / (current.sum() / previous.sum())
-        return lps_spread(raw, self.spread, self.min_weight)
+            weights = lps_spread((current / previous) / (current.sum() / previous.sum()), self.spread)
+        if self.floor == "absolute":
+            weights = weights.clamp_min(self.min_weight)
+        if self.normalize == "sum":
+            weights = weights * (len(weights) / weights.sum())
+        return weights
 
     def _reported(self, weights: Tensor) -> dict[str, float]:
         return self._as_dict(weights if self.projection == "log" else weights * self.base.to(weights.device))
 
 
-def lps_spread(raw: Tensor, spread: float, min_weight: float) -> Tensor:
-    """Spread weights around their mean by ``spread``, keep them positive, make them sum to their count."""
+def lps_spread(raw: Tensor, spread: float) -> Tensor:
+    """``mean + spread (raw - mean)``: the weights moved apart (spread > 1) or together (< 1) about their mean."""
     mean = raw.mean()
-    spread_out = (mean + spread * (raw - mean)).clamp_min(min_weight * mean)
-    return spread_out * (len(raw) / spread_out.sum())
+    return mean + spread * (raw - mean)
