@@ -63,6 +63,9 @@ class ModelConfig:
     feature_layers: list[int] | None = None  # for plain ViTs: which blocks feed the neck
     neck_channels: int = 64
     head_channels: int = 64
+    # recompute the backbone's activations in the backward pass instead of storing them: less memory, ~30 %
+    # more compute (Hugging Face blocks where the model supports it, else the whole encoder as one segment)
+    gradient_checkpointing: bool = False
 
 
 @dataclass

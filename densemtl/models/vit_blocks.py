@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densemtl.models.checkpointing import checkpointed
+
 Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 BLOCK_LINEARS = ("qkv", "proj", "fc1", "fc2")
 
@@ -125,6 +127,7 @@ class ViTEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.linear_names = ["patch"] + [f"blocks.{i}.{n}" for i in range(depth) for n in BLOCK_LINEARS]
+        self.checkpointing = False  # recompute each block's activations in the backward pass
 
     def weights(self) -> Weights:
         """The base model's weights of every linear, by name."""
@@ -152,12 +155,20 @@ class ViTEncoder(nn.Module):
         """(B x N x D final tokens, grid) with every linear and attention computed by ``executor``."""
         patches, grid = self.patchify(image)
         x = executor.linear("patch", patches) + self.position(grid)
+        checkpointing = self.checkpointing and torch.is_grad_enabled()
         for index, block in enumerate(self.blocks):
-            prefix = f"blocks.{index}"
-            qkv = executor.linear(f"{prefix}.qkv", block.norm1(x))
-            x = x + executor.linear(f"{prefix}.proj", executor.attention(f"{prefix}.attn", qkv, self.heads))
-            x = x + executor.linear(f"{prefix}.fc2", F.gelu(executor.linear(f"{prefix}.fc1", block.norm2(x))))
+            if checkpointing:
+                x = checkpointed(self.block_forward, block, index, x, executor)
+            else:
+                x = self.block_forward(index, x, executor)
         return self.norm(x), grid
+
+    def block_forward(self, index: int, x: torch.Tensor, executor: Executor) -> torch.Tensor:
+        """Block ``index`` on the tokens ``x`` (B x N x D)."""
+        block, prefix = self.blocks[index], f"blocks.{index}"
+        qkv = executor.linear(f"{prefix}.qkv", block.norm1(x))
+        x = x + executor.linear(f"{prefix}.proj", executor.attention(f"{prefix}.attn", qkv, self.heads))
+        return x + executor.linear(f"{prefix}.fc2", F.gelu(executor.linear(f"{prefix}.fc1", block.norm2(x))))
 
 
 class TokenDecoder(nn.Module):

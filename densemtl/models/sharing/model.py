@@ -101,6 +101,7 @@ class SharingModel(nn.Module):
         self.encoder = ViTEncoder(
             dim, args["num_hidden_layers"], args["num_attention_heads"], args["intermediate_size"], patch, image_size
         )
+        self.encoder.checkpointing = model_config.gradient_checkpointing
         self.deltas = nn.ModuleDict(
             {
                 task: nn.ModuleDict(
