@@ -28,7 +28,7 @@ from densemtl.engine.objective import build_objective
 from densemtl.engine.trainer import Trainer
 from densemtl.models import build_model
 from densemtl.models.sharing.model import SharingModel
-from densemtl.tasks import build_tasks
+from densemtl.tasks import Task, build_tasks
 
 # --- training runs ----------------------------------------------------------------------------------
 
@@ -59,6 +59,22 @@ def make_trainer(
     kwargs.setdefault("dist_info", DistInfo())
     kwargs.setdefault("device", torch.device("cpu"))
     return Trainer(config, model, objective, train_set, run_dir or Path(config.out_dir), info=train_set.info, **kwargs)
+
+
+class GroupNormNet(nn.Module):
+    """A tiny model following the model contract, normalised with GroupNorm (no batch statistics)."""
+
+    def __init__(self, tasks: dict[str, Task]) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU())
+        self.heads = nn.ModuleDict({name: nn.Conv2d(8, task.channels, 1) for name, task in tasks.items()})
+        self.feature_channels = {name: 8 for name in tasks}
+
+    def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        feature = self.body(image)
+        pred = {name: head(feature) for name, head in self.heads.items()}
+        return {"pred": pred, "features": dict.fromkeys(self.tasks, feature)}
 
 
 def read_log(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:

@@ -16,33 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
 from densemtl.data import build_dataset
 from densemtl.engine import distributed
 from densemtl.engine.checkpoint import load_checkpoint
 from densemtl.engine.distributed import DistInfo, ResumableSampler
-from densemtl.tasks import Task
-from tests.conftest import densemtl_process, kill_when, make_trainer, read_log, tiny_config
+from tests.conftest import GroupNormNet, densemtl_process, kill_when, make_trainer, read_log, tiny_config
 
 OVERRIDES = ["data.tasks=[semseg,depth]", "data.flip=false", "train.steps=3", "train.lr=1e-2", "train.warmup_steps=0"]
 PER_RANK_BATCH = 2
-
-
-class GroupNormNet(nn.Module):
-    """A tiny model following the model contract, normalised with GroupNorm (no batch statistics)."""
-
-    def __init__(self, tasks: dict[str, Task]) -> None:
-        super().__init__()
-        self.tasks = tasks
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU())
-        self.heads = nn.ModuleDict({name: nn.Conv2d(8, task.channels, 1) for name, task in tasks.items()})
-        self.feature_channels = {name: 8 for name in tasks}
-
-    def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        feature = self.body(image)
-        pred = {name: head(feature) for name, head in self.heads.items()}
-        return {"pred": pred, "features": dict.fromkeys(self.tasks, feature)}
 
 
 def _free_port() -> int:

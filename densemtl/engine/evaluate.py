@@ -32,7 +32,7 @@ from densemtl.config import (
     read_yaml,
     to_dict,
 )
-from densemtl.data.base import collate
+from densemtl.data.base import collate, loader_options
 from densemtl.data.transforms import pad_to
 from densemtl.dataset_info import DatasetInfo
 from densemtl.engine import distributed
@@ -102,8 +102,8 @@ def run_metrics(
         _shard(dataset),
         batch_size=config.data.eval_batch_size,
         shuffle=False,
-        num_workers=config.data.num_workers,
         collate_fn=_padding_collate(tasks),
+        **{**loader_options(config.data, torch.device(device)), "persistent_workers": False},  # one pass each
     )
     for batch in tqdm(loader, desc="evaluate", leave=False, disable=not _main_process()):
         raw = model(batch["image"].to(device))["pred"]
