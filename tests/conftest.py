@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -29,6 +31,39 @@ from densemtl.engine.trainer import Trainer
 from densemtl.models import build_model
 from densemtl.models.sharing.model import SharingModel
 from densemtl.tasks import Task, build_tasks
+
+# --- GPU tests ------------------------------------------------------------------------------------
+
+
+def cuda_gpus_needed(item: pytest.Item) -> int:
+    """How many GPUs a test marked ``cuda`` (``cuda(gpus=N)``) needs; 0 for other tests."""
+    marker = item.get_closest_marker("cuda")
+    return 0 if marker is None else int(marker.kwargs.get("gpus", 1))
+
+
+def gpus_available() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the ``cuda`` tests a machine has too few GPUs for, saying so."""
+    for item in items:
+        needed = cuda_gpus_needed(item)
+        if needed > gpus_available():
+            item.add_marker(pytest.mark.skip(reason=f"needs {needed} CUDA GPU(s), this machine has {gpus_available()}"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """A ``cuda`` test skipped on a machine with the GPUs it needs fails instead: a GPU run never passes by
+    skipping its GPU tests."""
+    outcome = yield
+    report = outcome.get_result()
+    needed = cuda_gpus_needed(item)
+    if report.skipped and needed and gpus_available() >= needed:
+        report.outcome = "failed"
+        report.longrepr = f"a cuda test was skipped on a machine with {gpus_available()} GPU(s): {report.longrepr}"
+
 
 # --- training runs ----------------------------------------------------------------------------------
 
@@ -75,6 +110,13 @@ class GroupNormNet(nn.Module):
         feature = self.body(image)
         pred = {name: head(feature) for name, head in self.heads.items()}
         return {"pred": pred, "features": dict.fromkeys(self.tasks, feature)}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def read_log(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ gradients is the gradient of the global batch, so the weights must agree to floa
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,16 +21,10 @@ from densemtl.data import build_dataset
 from densemtl.engine import distributed
 from densemtl.engine.checkpoint import load_checkpoint
 from densemtl.engine.distributed import DistInfo, ResumableSampler
-from tests.conftest import GroupNormNet, densemtl_process, kill_when, make_trainer, read_log, tiny_config
+from tests.conftest import GroupNormNet, densemtl_process, free_port, kill_when, make_trainer, read_log, tiny_config
 
 OVERRIDES = ["data.tasks=[semseg,depth]", "data.flip=false", "train.steps=3", "train.lr=1e-2", "train.warmup_steps=0"]
 PER_RANK_BATCH = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train_ddp(run_dir: Path) -> None:
@@ -77,7 +70,7 @@ def _assert_ddp_run_equals_single(tmp_path: Path, initial: dict[str, torch.Tenso
 def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path: Path) -> None:
     world = 2
     initial = _single_process_run(tmp_path, world)
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     _assert_ddp_run_equals_single(tmp_path, initial, world)
 
 
@@ -85,7 +78,7 @@ def test_two_nodes_on_loopback_match_one_process_on_the_global_batch(tmp_path: P
     """``torchrun --nnodes=2 --node_rank=R --nproc_per_node=1`` twice on 127.0.0.1 (static rendezvous at node 0,
     gloo): the job trains like one process on the global batch, and only global rank 0 (node 0) writes."""
     initial = _single_process_run(tmp_path, world=2)
-    port = _free_port()
+    port = free_port()
     nodes = [
         densemtl_process("--out", str(tmp_path / "ddp"), launcher=(
             "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import load_model
+from densemtl.engine.distributed import DistInfo, resolve_device
 from densemtl.errors import DataError, UserError
 
 _WIDE_GREY = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # integer grey modes holding more than 8 bits
@@ -47,7 +48,7 @@ def predict_images(checkpoint: Path, images: list[Path], out: Path, device: str 
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:
         raise UserError(f"predict: several images are named {', '.join(duplicates)}; outputs would overwrite")
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = resolve_device(device or "auto", DistInfo())
     loaded = load_model(checkpoint, target)
     out = Path(out)
     for name in [*loaded.tasks, "panels"]:

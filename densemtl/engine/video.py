@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import load_model
+from densemtl.engine.distributed import DistInfo, resolve_device, synchronize
 from densemtl.engine.predict import read_image
 from densemtl.errors import ConfigError, DataError, UserError
 from densemtl.jsonio import write_json
@@ -63,8 +64,10 @@ def run_video(
         raise ConfigError(f"key 'sharing.keyframe_interval': must be >= 1, got {keyframe_interval}")
     previous = None
     for index, frame in enumerate(frames):
+        synchronize(frame.device)
         start = time.perf_counter()
         result = inference.run(frame, previous, keyframe=index % keyframe_interval == 0)
+        synchronize(frame.device)
         yield result, time.perf_counter() - start
         previous = result
 
@@ -82,7 +85,7 @@ def predict_video(
 
     Unset options come from the checkpoint's ``sharing`` config section.
     """
-    loaded = load_model(checkpoint, device or "cpu")
+    loaded = load_model(checkpoint, resolve_device(device or "auto", DistInfo()))
     sharing = loaded.config.sharing
     interval = sharing.keyframe_interval if keyframe_interval is None else keyframe_interval
     sharing = replace(
@@ -109,6 +112,7 @@ def predict_video(
     for index, (path, (result, seconds)) in enumerate(progress):
         start = time.perf_counter()
         full = inference.dense(images[index])
+        synchronize(images[index].device)
         full_seconds = time.perf_counter() - start
         for name, task in loaded.tasks.items():
             task.save(task.predict(result.pred[name].float())[0].cpu(), out / name / path.stem)

@@ -173,7 +173,7 @@ class SharingModel(nn.Module):
     def expected_l0(self) -> torch.Tensor:
         return sum(
             (delta.gate.expected_l0() for deltas in self.deltas.values() for delta in deltas.values()),
-            torch.zeros(()),
+            torch.zeros((), device=self.phase.device),
         )
 
     # ------------------------------------------------------------------ training forward
