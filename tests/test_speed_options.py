@@ -39,13 +39,20 @@ def _assert_same(plain: tuple, other: tuple) -> None:
 
 def test_compiled_training_step_equals_the_eager_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dynamo captures the model and AOTAutograd its backward (the ``aot_eager`` backend: no C++ compiler, seconds
-    on a CPU); the default inductor backend runs in the cuda-marked tests."""
-    plain = _one_step(tmp_path, "eager", model_class=GroupNormNet)
+    on a CPU; the default inductor backend runs in the cuda-marked tests), here with activation checkpointing and
+    channels-last too: the same step, and the BatchNorm statistics updated once."""
+    plain = _one_step(tmp_path, "eager")
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    compiled = _one_step(tmp_path, "compiled", "train.compile=true", model_class=GroupNormNet)
+    compiled = _one_step(tmp_path, "compiled", "train.compile=true", "model.gradient_checkpointing=true",
+                         "train.channels_last=true")
     assert isinstance(compiled[2].forward_model, torch._dynamo.eval_frame.OptimizedModule)
     assert compiled[2].forward_model is not compiled[2].model  # checkpoints keep the plain module's names
+    assert compiled[2].model.backbone.checkpoint_whole
     _assert_same(plain, compiled)
+    statistics = {k: v for k, v in plain[2].model.state_dict().items() if "running" in k or "num_batches" in k}
+    assert statistics
+    for name, value in statistics.items():
+        torch.testing.assert_close(compiled[2].model.state_dict()[name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_channels_last_training_step_equals_the_contiguous_one(tmp_path: Path) -> None:

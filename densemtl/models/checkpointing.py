@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
@@ -33,7 +34,11 @@ def _batchnorm_statistics_kept(module: nn.Module) -> Iterator[None]:
 
 def checkpointed(function: Callable[..., Any], module: nn.Module, *args: Any) -> Any:
     """``function(*args)``, its activations recomputed in the backward pass; ``module`` holds its parameters and
-    BatchNorm layers. The random state is replayed, so dropout draws the same masks twice."""
+    BatchNorm layers. The random state is replayed, so dropout draws the same masks twice. Under torch.compile
+    the recomputation is part of the compiled backward, which replays no buffer update (and dynamo takes no
+    ``context_fn``)."""
+    if torch.compiler.is_compiling():
+        return checkpoint(function, *args, use_reentrant=False)
     return checkpoint(function, *args, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _batchnorm_statistics_kept(module)))
 
