@@ -1,44 +1,56 @@
-"""Computation sharing on the synthetic scenes: storage, counted GFLOPs, measured time and accuracy of
+"""Computation sharing on the synthetic scenes: the accuracy-cost trade-off over the L0 weight and the threshold.
 
-(a) T separate single-task models (the same compact ViT as the sharing model, each trained alone),
-(b) the shared-encoder multi-task model (``build_model`` arch ``multitask``, HF ViT of the same size),
-(c) base (semseg) + sub-tasks with sparse weight deltas, run with delta activations (and densely, tau = 0),
-(d) (c) on the synthetic video clips, reusing activations between frames (keyframe every K frames),
+Compared, per image size and seed (tasks semseg = base, depth, normals; the compact ViT of
+``configs/synthetic_sharing.yaml``, hidden 96, 4 blocks, patch 8):
 
-each task's primary metric and delta_m against (a) on the same frames (the test split for (a)-(c), the
-clips for (d), where (a) and (c) are scored again frame by frame). Every model gets the same number of
-training steps: (c)'s base *is* (a)'s semseg model, its sub-tasks train for ``--steps`` split over the
-delta / mask fine-tuning / activation-sharing phases (2:1:1). FLOPs are matrix-product FLOPs (torch's
-FlopCounterMode; for (c)/(d) the encoder's products actually executed); time is the median over frames
-of one-image inference on this CPU (``torch.get_num_threads()`` threads).
+(a) three single-task models (each the compact ViT alone, ``--steps`` steps);
+(b) the shared-encoder multi-task model (arch ``multitask``, a transformers ViT of the same size);
+(c) sharing: (a)'s semseg model as base, sub-task deltas (L0, half the steps), mask fine-tuning and
+    activation sharing (a quarter each), one run per L0 weight, scored in both inference modes at every
+    threshold of the sweep;
+(d) video (small size): a temporally trained sharing model (base_temporal phase on neighbouring frames, then
+    the sub-task phases with the temporal term) and the (c) model of the same L0 weight (1e-4, the video
+    config's) on the clips of each kind of motion, per frame and with reuse between frames.
 
-    python benchmarks/sharing.py                                   # quick (40 steps per model)
-    python benchmarks/sharing.py --steps 300 --video 0.15:2 0.5:2 0.15:4 --doc docs/results/sharing.md
+Sizes: ``small`` = 96 x 128 (192 tokens), ``large`` = 192 x 256 (768 tokens, batch 4, fewer steps and test
+images so that one training run takes minutes on one core). Every training unit is a separate command, run
+through the shared job queue; ``evaluate`` scores what one (size, seed) trained; ``report`` merges the JSON
+files into the Markdown tables of ``docs/results/sharing.md`` and the figure.
 
-JSON to ``--out`` (default runs/bench/sharing.json); ``--doc`` also writes the Markdown tables (between
-markers, keeping the rest of the document). Trained models are kept next to it
-(``<out without .json>/<tasks>_steps<N>/``) and reused by a later run with the same tasks and steps
-(delete the folder after changing the config).
+    python benchmarks/sharing.py train --size small --seed 0 --unit sharing      # base + one run per L0 weight
+    python benchmarks/sharing.py train --size small --seed 0 --unit others       # depth, normals, multitask
+    python benchmarks/sharing.py train --size small --seed 0 --unit video        # temporal training (small)
+    python benchmarks/sharing.py evaluate --size small --seed 0                  # -> <work>/small_seed0.json
+    python benchmarks/sharing.py report --doc docs/results/sharing.md --figure docs/images/sharing_tradeoff.png
+
+``profile`` and ``video`` redo only the time profile or the video rows of an evaluated (size, seed).
+
+GFLOPs are matrix-product FLOPs (2 per multiply-add) per frame, all three tasks: dense runs and token mode count
+what is executed, element mode counts from the measured densities (``densemtl.models.sharing.inference``).
+Times are medians of an interleaved timing (every variant in turn on the same images, rotating the order) on
+one thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from densemtl.config import Config, load_config
 from densemtl.data import build_dataset
-from densemtl.data.synthetic import SyntheticClips
+from densemtl.data.synthetic import SyntheticClips, synthetic_info
 from densemtl.engine.evaluate import build_metrics, compute_all
 from densemtl.engine.objective import build_objective
 from densemtl.engine.prepare import seed_everything
@@ -46,247 +58,377 @@ from densemtl.engine.trainer import Trainer
 from densemtl.jsonio import write_json
 from densemtl.metrics.delta_m import delta_m
 from densemtl.models import build_model
+from densemtl.models.architecture import Phase
+from densemtl.models.sharing.architecture import sharing_phases
 from densemtl.models.sharing.inference import SharedInference
 from densemtl.models.sharing.model import SharingModel, delta_storage
 from densemtl.tasks import Task, build_tasks
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_sharing.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "synthetic_sharing.yaml"
+VIDEO_CONFIG = ROOT / "configs" / "synthetic_sharing_video.yaml"
+TASKS = ("semseg", "depth", "normals")
+SIZES = {  # image size, batch, training steps of every model, test images scored
+    "small": {"height": 96, "width": 128, "batch": 8, "steps": 300, "test": 50},
+    "large": {"height": 192, "width": 256, "batch": 4, "steps": 150, "test": 25},
+}
+L0_WEIGHTS = (1e-6, 1e-5, 1e-4)
+THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.4, math.inf)
+MODES = ("element", "token")
+VIDEO_MOTIONS = ("camera", "slow_camera", "static_camera")
+VIDEO_SETTINGS = ((0.1, 2), (0.3, 2), (0.3, 4))  # (temporal threshold, sub-task blocks on the base)
+VIDEO_CLIPS = 2  # clips of 16 frames per kind of motion
+SEEDS = (0, 1, 2)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t, 97.5 % quantile, by degrees of freedom
 Predict = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], int]]
+INFO = synthetic_info()
 
 
-def video_setting(text: str) -> tuple[float, int]:
-    """``"0.15:2"`` -> (temporal threshold, sub-task blocks following the current base)."""
-    try:
-        tau, layers = text.split(":")
-        return float(tau), int(layers)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected TAU_T:LAYERS such as 0.15:2, got '{text}'") from None
+def size_config(size: str, seed: int, *overrides: str, path: Path = CONFIG) -> Config:
+    """The benchmark config of one image size and seed (three tasks, CPU, no validation during training)."""
+    spec = SIZES[size]
+    return load_config(path, [
+        f"data.tasks=[{','.join(TASKS)}]", f"sharing.base_task={TASKS[0]}", "train.device=cpu",
+        f"data.synthetic.height={spec['height']}", f"data.synthetic.width={spec['width']}",
+        f"data.batch_size={spec['batch']}", f"train.seed={seed}", "train.eval_every=1000000",
+        "train.checkpoint_every=1000000", "train.log_every=25", *overrides,
+    ])
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(CONFIG))
-    parser.add_argument("--tasks", default="semseg,depth,normals", help="comma-separated; the first is the base")
-    parser.add_argument("--steps", type=int, default=40, help="training steps of every model")
-    parser.add_argument("--threshold", type=float, default=None, help="default: the config's sharing.threshold")
-    parser.add_argument("--keyframe-interval", type=int, default=None)
-    parser.add_argument("--video", nargs="+", type=video_setting, default=None, metavar="TAU_T:LAYERS",
-                        help="one (d) row per temporal threshold and number of sub-task blocks that follow the "
-                             "current base, e.g. 0.15:2 0.5:2 0.15:4; default: the config's values")
-    parser.add_argument("--out", default="runs/bench/sharing.json")
-    parser.add_argument("--timing-images", type=int, default=8, help="test images of the interleaved timing")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of the interleaved timing")
-    parser.add_argument("--doc", default=None, help="also write the Markdown results here")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides")
-    return parser.parse_args(argv)
+def only(config: Config, task: str) -> Config:
+    """``config`` for one task as its own base (a single-task compact ViT)."""
+    return replace(config, data=replace(config.data, tasks=[task]), sharing=replace(config.sharing, base_task=task))
 
 
-def train(config: Config, model: nn.Module, tasks: dict[str, Task], train_set: Any, steps: int, folder: Path) -> None:
-    """``steps`` optimiser steps of the engine's Trainer on ``tasks`` (no validation); reuses a finished run."""
-    weights = folder / "model.pt"
-    if weights.exists():
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        model.eval()
-        return
+def fit(config: Config, model: nn.Module, phase: Phase | None, train_set: Any, steps: int, folder: Path) -> None:
+    """``steps`` steps of the engine's Trainer (with the phase's hook and clip groups); saves ``model.pt``."""
+    tasks = build_tasks(list(phase.tasks) if phase else config.data.tasks, train_set.info, config.loss.normals_loss)
     objective = build_objective(config, tasks, {n: model.feature_channels[n] for n in tasks})
     trainer = Trainer(
-        config, model, objective, train_set, folder, info=train_set.info,
-        parameters=[p for p in model.parameters() if p.requires_grad], steps=steps,
+        config, model, objective, train_set, folder, info=train_set.info, steps=steps,
+        parameters=[p for p in model.parameters() if p.requires_grad],
+        loss_hook=phase.loss_hook if phase else None,
+        clip_groups=phase.clip_groups(model) if phase and phase.clip_groups else None,
     )
     trainer.fit()
-    torch.save(model.state_dict(), weights)
-    model.eval()
+    torch.save(model.state_dict(), folder / "model.pt")
 
 
-def dense_predictor(models: list[nn.Module]) -> Predict:
-    """All tasks' outputs of plain models, with their FLOPs counted once per input shape."""
+def load_or_fit(config: Config, build: Callable[[], nn.Module], folder: Path, steps: int, train_set: Any) -> nn.Module:
+    """The model trained in ``folder`` (trained now when absent), in eval mode."""
+    seed_everything(config.train.seed)
+    model = build()
+    if (folder / "model.pt").exists():
+        model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+    else:
+        fit(config, model, None, train_set, steps, folder)
+    return model.eval()
+
+
+def train_sharing(config: Config, base: SharingModel, folder: Path, steps: int, train_set: Any) -> SharingModel:
+    """The sharing model of ``config`` on the base ``base``: its sub-task phases (and ``base_temporal`` when
+    configured), each with the phase's loss hook and clip groups; reused when ``folder`` holds it."""
+    seed_everything(config.train.seed)
+    info = train_set.info
+    model = build_model(config, info, build_tasks(list(TASKS), info, config.loss.normals_loss))
+    if (folder / "model.pt").exists():
+        for phase in sharing_phases(config, model):
+            phase.enter(model)
+        model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+        return model.eval()
+    own = {k: v for k, v in base.state_dict().items() if k.startswith(("encoder.", f"decoders.{TASKS[0]}."))}
+    model.load_state_dict(own, strict=False)
+    for index, phase in enumerate(sharing_phases(config, model)):
+        phase.enter(model)
+        if phase.name == "base":
+            continue
+        seed_everything(config.train.seed + 1000 * index)
+        share = 0.5 if phase.name in ("base_temporal", "delta") else 0.25
+        fit(config, model, phase, train_set, max(1, round(steps * share)), folder / f"phase{index}_{phase.name}")
+    torch.save(model.state_dict(), folder / "model.pt")
+    return model.eval()
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    spec = dict(SIZES[args.size], **({"steps": args.steps} if args.steps else {}))
+    work = Path(args.work) / args.size / f"seed{args.seed}"
+    config = size_config(args.size, args.seed)
+    info = build_dataset(config.data, "val", train=False).info
+    tasks = build_tasks(list(TASKS), info, config.loss.normals_loss)
+    train_set = build_dataset(config.data, "train", train=True)
+
+    def single(task: str) -> SharingModel:
+        task_config = only(config, task)
+        return load_or_fit(task_config, lambda: build_model(task_config, info, {task: tasks[task]}),
+                           work / f"single_{task}", spec["steps"], train_set)
+
+    if args.unit == "others":
+        for task in TASKS[1:]:
+            single(task)
+        multi = multitask_config(config)
+        load_or_fit(multi, lambda: build_model(multi, info, tasks), work / "multitask", spec["steps"], train_set)
+        return
+    base = single(TASKS[0])
+    if args.unit == "sharing":
+        for weight in L0_WEIGHTS:
+            train_sharing(replace(config, sharing=replace(config.sharing, l0_weight=weight)), base,
+                          work / f"sharing_l0_{weight:g}", spec["steps"], train_set)
+    else:  # video: temporal training on neighbouring frames
+        video = size_config(args.size, args.seed, path=VIDEO_CONFIG)
+        train_sharing(video, base, work / "video", spec["steps"], build_dataset(video.data, "train", train=True))
+
+
+def multitask_config(config: Config) -> Config:
+    """(b): arch ``multitask`` with a transformers ViT of the sharing ViT's size, features from every block."""
+    vit = config.model.backbone_args
+    side = max(config.data.synthetic.height, config.data.synthetic.width)  # HF ViT interpolates square grids
+    depth = vit["num_hidden_layers"]
+    model = replace(config.model, arch="multitask", backbone="vit", backbone_args={**vit, "image_size": side},
+                    feature_layers=[max(1, round(depth * k / 4)) for k in range(1, 5)])
+    return replace(config, model=model)
+
+
+# ---------------------------------------------------------------------- evaluation
+def dense_predictor(models: list[SharingModel]) -> Predict:
+    """All tasks' outputs of single-task compact ViTs (their FLOPs as the sharing runtime counts them)."""
+    runtimes = [SharedInference(model, 0.0) for model in models]
+
+    def predict(image: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        results = [runtime.dense(image) for runtime in runtimes]
+        return {t: p for r in results for t, p in r.pred.items()}, sum(sum(r.flops.values()) for r in results)
+
+    return predict
+
+
+def module_predictor(model: nn.Module) -> Predict:
+    """A plain model's outputs, its FLOPs counted once per input shape (attention as matrix products)."""
     cache: dict[tuple[int, ...], int] = {}
 
     def predict(image: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
         key = tuple(image.shape)
         if key not in cache:
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                for model in models:
-                    model(image)
+            with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+                model(image)
             cache[key] = counter.get_total_flops()
-        return {n: p for model in models for n, p in model(image)["pred"].items()}, cache[key]
+        return model(image)["pred"], cache[key]
 
     return predict
 
 
-def interleaved_timing(variants: dict[str, Predict], images: list[torch.Tensor], repeats: int) -> dict[str, Any]:
-    """Median ms and mean GFLOPs per image of each variant, run in turn on every image, in a rotating order
-    (fair under a varying machine load)."""
+def sharing_predictor(inference: SharedInference) -> tuple[Predict, dict[str, list[float]]]:
+    """Per-image prediction of a sharing runtime; also collects each point's kept share (for the profile)."""
+    points: dict[str, list[float]] = {}
+
+    def predict(image: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        result = inference.run(image, for_video=False)
+        for task, shares in result.points.items():
+            for name, share in shares.items():
+                points.setdefault(f"{task}:{name}", []).append(share)
+        return result.pred, sum(result.flops.values())
+
+    return predict, points
+
+
+def score(predict: Predict, frames: list[dict[str, Any]], tasks: dict[str, Task], config: Config,
+          reset: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Metrics and mean counted GFLOPs of ``predict`` over ``frames`` (in order; ``reset`` at each clip start)."""
+    metrics = build_metrics(tasks, INFO, config.eval)
+    flops = []
+    for frame in frames:
+        if reset is not None and frame["meta"].get("frame") == 0:
+            reset()
+        with torch.no_grad():
+            pred, count = predict(frame["image"][None])
+        flops.append(count)
+        for name, metric in metrics.items():
+            metric.update(tasks[name].predict(pred[name].float()), frame[name][None])
+    results = compute_all(metrics)
+    return {"metrics": {n: results[n][tasks[n].primary_metric] for n in tasks}, "results": results,
+            "gflops": statistics.mean(flops) / 1e9}
+
+
+def interleaved_ms(variants: dict[str, Predict], images: list[torch.Tensor], repeats: int) -> dict[str, float]:
+    """Median ms per image of each variant, every variant in turn on every image, in a rotating order."""
     seconds: dict[str, list[float]] = {name: [] for name in variants}
-    flops: dict[str, list[int]] = {name: [] for name in variants}
     names = list(variants)
     for _ in range(repeats):
         for index, image in enumerate(images):
             shift = index % len(names)
             for name in names[shift:] + names[:shift]:
-                predict = variants[name]
                 start = time.perf_counter()
                 with torch.no_grad():
-                    _, count = predict(image)
+                    variants[name](image)
                 seconds[name].append(time.perf_counter() - start)
-                flops[name].append(count)
-    return {name: {"ms_per_frame": 1e3 * statistics.median(seconds[name]),
-                   "gflops_per_frame": statistics.mean(flops[name]) / 1e9} for name in variants}
+    return {name: 1e3 * statistics.median(values) for name, values in seconds.items()}
 
 
-def score(
-    predict: Predict, frames: list[dict[str, Any]], tasks: dict[str, Task], config: Config, info: Any,
-    reset: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """Metrics, median seconds per frame and mean counted GFLOPs of ``predict`` over ``frames`` (in order)."""
-    metrics = build_metrics(tasks, info, config.eval)
-    seconds, flops = [], []
-    for frame in frames:
-        if reset is not None and frame["meta"].get("frame") == 0:
-            reset()
-        image = frame["image"][None]
-        start = time.perf_counter()
-        with torch.no_grad():
-            pred, frame_flops = predict(image)
-        seconds.append(time.perf_counter() - start)
-        flops.append(frame_flops)
-        for name, metric in metrics.items():
-            metric.update(tasks[name].predict(pred[name].float()), frame[name][None])
-    return {"results": compute_all(metrics), "ms_per_frame": 1e3 * statistics.median(seconds),
-            "gflops_per_frame": statistics.mean(flops) / 1e9}
+def stored_mb(model: nn.Module) -> float:
+    """Bytes of a model stored densely (fp32), or of a sharing model with sparse deltas (index + value)."""
+    if not isinstance(model, SharingModel):
+        return 4 * sum(p.numel() for p in model.parameters()) / 1e6
+    dense = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("deltas."))
+    return (4 * dense + sum(s["sparse_bytes"] for s in delta_storage(model).values())) / 1e6
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    names = args.tasks.split(",")
-    config = load_config(
-        args.config, [f"data.tasks=[{','.join(names)}]", f"sharing.base_task={names[0]}", "train.device=cpu",
-                      "train.eval_every=1000000", "train.checkpoint_every=1000000", *args.overrides],
-    )
-    threshold = config.sharing.threshold if args.threshold is None else args.threshold
-    interval = config.sharing.keyframe_interval if args.keyframe_interval is None else args.keyframe_interval
-    out = Path(args.out)
-    work = out.with_suffix("") / f"{'-'.join(names)}_steps{args.steps}"  # trained models, reused when present
-    seed_everything(config.train.seed)
-    train_set = build_dataset(config.data, "train", train=True)
+def load_trained(size: str, seed: int, work: Path, test_images: int | None = None) -> dict[str, Any]:
+    """Every model one (size, seed) trained, in eval mode, with the test frames."""
+    config = size_config(size, seed)
     test_set = build_dataset(config.data, "test", train=False)
-    info = train_set.info
-    tasks = build_tasks(names, info, config.loss.normals_loss)
-    test = [test_set[i] for i in range(len(test_set))]
-    clips_set = SyntheticClips(config.data)
-    clips = [frame for clip in range(len(clips_set)) for frame in clips_set[clip]]
+    info = test_set.info
+    tasks = build_tasks(list(TASKS), info, config.loss.normals_loss)
+    folder = work / size / f"seed{seed}"
+    frames = [test_set[i] for i in range(test_images or SIZES[size]["test"])]
 
-    # (a) one compact ViT per task; the semseg one is also (c)'s base.
-    singles: dict[str, SharingModel] = {}
-    for name in names:
-        single_config = load_config(args.config, [f"data.tasks=[{name}]", f"sharing.base_task={name}",
-                                                  "train.device=cpu", *args.overrides])
-        seed_everything(config.train.seed)
-        model = build_model(single_config, info, {name: tasks[name]})
-        train(single_config, model, {name: tasks[name]}, train_set, args.steps, work / f"single_{name}")
-        singles[name] = model
-    predict_singles = dense_predictor(list(singles.values()))
+    def restore(model: nn.Module, name: str) -> nn.Module:
+        if isinstance(model, SharingModel) and model.sub_tasks:
+            model.set_phase(3)  # frozen masks, as saved
+        model.load_state_dict(torch.load(folder / name / "model.pt", map_location="cpu", weights_only=True))
+        return model.eval()
 
-    # (b) shared encoder (HF ViT of the same size), one head per task.
-    vit = config.model.backbone_args
-    multi_config = load_config(args.config, [f"data.tasks=[{','.join(names)}]", "model.arch=multitask",
-                                             "model.backbone=vit", "train.device=cpu", *args.overrides])
-    side = max(config.data.synthetic.height, config.data.synthetic.width)  # HF ViT interpolates square grids
-    multi_config.model.backbone_args = {**vit, "image_size": side}
-    multi_config.model.feature_layers = [max(1, round(vit["num_hidden_layers"] * k / 4)) for k in range(1, 5)]
-    seed_everything(config.train.seed)
-    multi = build_model(multi_config, info, tasks)
-    train(multi_config, multi, tasks, train_set, args.steps, work / "multitask")
-    predict_multi = dense_predictor([multi])
+    singles = [restore(build_model(only(config, t), info, {t: tasks[t]}), f"single_{t}") for t in TASKS]
+    multi = restore(build_model(multitask_config(config), info, tasks), "multitask")
+    sharing = {w: restore(build_model(config, info, tasks), f"sharing_l0_{w:g}") for w in L0_WEIGHTS}
+    video = None
+    if (folder / "video" / "model.pt").exists():
+        video = restore(build_model(size_config(size, seed, path=VIDEO_CONFIG), info, tasks), "video")
+    return {"config": config, "tasks": tasks, "frames": frames, "singles": singles, "multi": multi,
+            "sharing": sharing, "video": video}
 
-    # (c) base = (a)'s semseg model; sub-task deltas, mask fine-tuning, activation sharing.
-    seed_everything(config.train.seed)
-    shared = build_model(config, info, tasks)
-    base_state = {k: v for k, v in singles[names[0]].state_dict().items()
-                  if k.startswith(("encoder.", f"decoders.{names[0]}."))}
-    shared.load_state_dict(base_state, strict=False)
-    sub_tasks = {n: tasks[n] for n in names[1:]}
-    for phase, share in ((1, 0.5), (2, 0.25), (3, 0.25)):
-        shared.set_phase(phase)
-        train(config, shared, sub_tasks, train_set, max(1, round(args.steps * share)), work / f"sharing_phase{phase}")
-    inference = SharedInference(shared, threshold)
 
-    def predict_dense(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-        result = inference.dense(x)
+def wait_for_models(folder: Path, size: str, hours: float) -> None:
+    """Wait (up to ``hours``) until the training units of ``folder`` have saved every model."""
+    names = [f"single_{t}" for t in TASKS] + ["multitask"] + [f"sharing_l0_{w:g}" for w in L0_WEIGHTS]
+    names += ["video"] if size == "small" else []
+    deadline = time.time() + 3600 * hours
+    while not all((folder / name / "model.pt").exists() for name in names):
+        if time.time() > deadline:
+            raise SystemExit(f"{folder}: models still missing after {hours} h")
+        time.sleep(60)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    wait_for_models(work / args.size / f"seed{args.seed}", args.size, args.wait)
+    trained = load_trained(args.size, args.seed, work, args.test_images)
+    config, tasks, frames = trained["config"], trained["tasks"], trained["frames"]
+    rows: list[dict[str, Any]] = []
+    singles = dense_predictor(trained["singles"])
+    reference = score(singles, frames, tasks, config)
+    baselines = {"(a) single-task models": (singles, sum(stored_mb(m) for m in trained["singles"])),
+                 "(b) shared encoder": (module_predictor(trained["multi"]), stored_mb(trained["multi"]))}
+    for method, (predict, megabytes) in baselines.items():
+        scored = reference if method.startswith("(a)") else score(predict, frames, tasks, config)
+        rows.append({"method": method, "stored_mb": megabytes, **figures(scored, reference)})
+    images = [frame["image"][None] for frame in frames[: args.timing_images]]
+    timing_variants = {row["method"]: baselines[row["method"]][0] for row in rows}
+    for weight, model in trained["sharing"].items():
+        for mode in MODES:
+            for tau in THRESHOLDS:
+                predict, points = sharing_predictor(SharedInference(model, tau, mode=mode))
+                label = f"(c) sharing L0 {weight:g}, {mode}, tau {tau:g}"
+                rows.append({"method": label, "l0": weight, "mode": mode, "tau": tau, "stored_mb": stored_mb(model),
+                             "density": {t: s["share"] for t, s in delta_storage(model).items()},
+                             **figures(score(predict, frames, tasks, config), reference)})
+                rows[-1]["points"] = {name: statistics.mean(v) for name, v in points.items()}
+                timing_variants[label] = predict
+    ms = interleaved_ms(timing_variants, images, args.repeats)
+    for row in rows:
+        row["ms"] = ms[row["method"]]
+    profile = time_profile(trained, images[0])
+    report = {"size": args.size, "seed": args.seed, "spec": SIZES[args.size], "rows": rows, "profile": profile,
+              "timing_images": len(images), "repeats": args.repeats, "threads": torch.get_num_threads()}
+    if trained["video"] is not None:
+        report["video"] = evaluate_video(trained, args.seed)
+    write_json(report, work / f"{args.size}_seed{args.seed}.json")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    """Only the time profile of one trained (size, seed), for results evaluated without one."""
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    trained = load_trained(args.size, args.seed, work, 1)
+    profile = time_profile(trained, trained["frames"][0]["image"][None])
+    write_json(profile, work / f"{args.size}_seed{args.seed}.profile.json")
+
+
+def cmd_video(args: argparse.Namespace) -> None:
+    """Only the video rows of one evaluated (size, seed), scored again (the rest of its JSON kept)."""
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    path = work / f"{args.size}_seed{args.seed}.json"
+    report = json.loads(path.read_text())
+    report["video"] = evaluate_video(load_trained(args.size, args.seed, work, 1), args.seed)
+    write_json(report, path)
+
+
+def figures(scored: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    return {"metrics": scored["metrics"], "gflops": scored["gflops"],
+            "delta_m": delta_m(scored["results"], reference["results"], list(TASKS))}
+
+
+def time_profile(trained: dict[str, Any], image: torch.Tensor) -> dict[str, Any]:
+    """Where the time of one frame goes: the top operators of the single-task models and of token mode at
+    tau 0.2 (the middle L0 weight), on one image, from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = trained["sharing"][L0_WEIGHTS[1]]
+    variants = {"(a) single-task models": dense_predictor(trained["singles"]),
+                "token mode tau 0.2": sharing_predictor(SharedInference(model, 0.2, mode="token"))[0],
+                "element mode tau 0.2": sharing_predictor(SharedInference(model, 0.2, mode="element"))[0]}
+    out = {}
+    for name, predict in variants.items():
+        with torch.no_grad():
+            predict(image)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                predict(image)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        out[name] = {"total_ms": total / 1e3,
+                     "top": [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in events[:12]]}
+    return out
+
+
+def evaluate_video(trained: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """Per clip kind, model (temporally trained or not) and mode: per-frame sharing and video reuse."""
+    config, tasks = trained["config"], trained["tasks"]
+    (weight,) = set(trained["video"].l0_weights.values())  # the (c) model of the same L0 weight, for a fair pair
+    models = {"temporal training": trained["video"], "no temporal training": trained["sharing"][weight]}
+    rows = []
+    for motion in VIDEO_MOTIONS:
+        data = replace(config.data, synthetic=replace(config.data.synthetic, motion=motion, num_clips=VIDEO_CLIPS))
+        clips = SyntheticClips(data)
+        frames = [frame for clip in range(len(clips)) for frame in clips[clip]]
+        for label, model in models.items():
+            for mode in MODES:
+                per_frame = score(sharing_predictor(SharedInference(model, 0.15, mode=mode))[0], frames, tasks, config)
+                rows.append({"motion": motion, "model": label, "mode": mode, "setting": "per frame",
+                             "gflops": per_frame["gflops"], "delta_m": 0.0})
+                for tau_t, layers in VIDEO_SETTINGS:
+                    predict, reset = video_predictor(SharedInference(model, 0.15, tau_t, layers, mode=mode),
+                                                     config.sharing.keyframe_interval)
+                    scored = score(predict, frames, tasks, config, reset=reset)
+                    rows.append({"motion": motion, "model": label, "mode": mode, "tau_t": tau_t, "layers": layers,
+                                 "setting": f"video, keyframe every {config.sharing.keyframe_interval}",
+                                 "gflops": scored["gflops"],
+                                 "delta_m": delta_m(scored["results"], per_frame["results"], list(TASKS))})
+    return rows
+
+
+def video_predictor(inference: SharedInference, interval: int) -> tuple[Predict, Callable[[], None]]:
+    """Frame-by-frame prediction reusing the previous frame; ``reset`` starts a new clip."""
+    state: dict[str, Any] = {}
+
+    def predict(image: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        state["index"] = state.get("index", -1) + 1
+        result = inference.run(image, state.get("previous"), keyframe=state["index"] % interval == 0)
+        state["previous"] = result
         return result.pred, sum(result.flops.values())
 
-    def predict_shared(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-        result = inference.run(x, for_video=False)
-        return result.pred, sum(result.flops.values())
-
-    def video_predictor(temporal_threshold: float, task_layers: int) -> tuple[Predict, Callable[[], None]]:
-        """Frame-by-frame prediction reusing the previous frame; ``reset`` starts a new clip."""
-        video = SharedInference(shared, threshold, temporal_threshold, task_layers)
-        state: dict[str, Any] = {}
-
-        def predict(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-            state["index"] = state.get("index", -1) + 1
-            result = video.run(x, state.get("previous"), keyframe=state["index"] % interval == 0)
-            state["previous"] = result
-            return result.pred, sum(result.flops.values())
-
-        return predict, state.clear
-
-    storage = delta_storage(shared)
-    dense_params = sum(p.numel() for n, p in shared.named_parameters() if not n.startswith("deltas."))
-    nonzero = sum(s["nonzero"] for s in storage.values())
-    params = {
-        "(a) single-task models": sum(p.numel() for m in singles.values() for p in m.parameters()),
-        "(b) shared encoder": sum(p.numel() for p in multi.parameters()),
-        "(c) sharing": dense_params + nonzero,
-    }
-    megabytes = {k: 4 * v / 1e6 for k, v in params.items()}
-    megabytes["(c) sharing"] = (4 * dense_params + 8 * nonzero) / 1e6
-    rows: list[tuple[str, str, str, dict[str, Any]]] = [
-        ("test", "(a) single-task models", "(a) single-task models", score(predict_singles, test, tasks, config, info)),
-        ("test", "(b) shared encoder", "(b) shared encoder", score(predict_multi, test, tasks, config, info)),
-        ("test", "(c) sharing, dense sub-tasks (tau=0)", "(c) sharing",
-         score(predict_dense, test, tasks, config, info)),
-        ("test", f"(c) sharing, delta activations (tau={threshold:g})", "(c) sharing",
-         score(predict_shared, test, tasks, config, info)),
-        ("clips", "(a) single-task models, per frame", "(a) single-task models",
-         score(predict_singles, clips, tasks, config, info)),
-        ("clips", f"(c) sharing per frame (tau={threshold:g})", "(c) sharing",
-         score(predict_shared, clips, tasks, config, info)),
-    ]
-    for tau_t, layers in args.video or [(config.sharing.temporal_threshold, config.sharing.video_task_layers)]:
-        predict_video, reset_video = video_predictor(tau_t, layers)
-        label = f"(d) video, keyframe every {interval} (tau_t={tau_t:g}, sub-tasks follow the base in {layers} blocks)"
-        rows.append(("clips", label, "(c) sharing",
-                     score(predict_video, clips, tasks, config, info, reset=reset_video)))
-    reference = {split: figures["results"] for split, label, _, figures in rows if label.startswith("(a)")}
-    table = []
-    for split, label, owner, figures in rows:
-        table.append({
-            "split": split, "method": label, "params_M": params[owner] / 1e6, "stored_MB": megabytes[owner],
-            "gflops_per_frame": figures["gflops_per_frame"], "ms_per_frame": figures["ms_per_frame"],
-            "metrics": {n: figures["results"][n][tasks[n].primary_metric] for n in names},
-            "delta_m": delta_m(figures["results"], reference[split], names, config.eval),
-        })
-    timing = {}
-    for scale in (1, 2):
-        images = [F.interpolate(f["image"][None], scale_factor=scale, mode="bilinear", align_corners=False)
-                  if scale > 1 else f["image"][None] for f in test[: args.timing_images]]
-        timing[f"{scale}x"] = interleaved_timing(
-            {"(a) single-task models": predict_singles, "(c) dense sub-tasks (tau=0)": predict_dense,
-             f"(c) delta activations (tau={threshold:g})": predict_shared}, images, args.repeats)
-    report = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-              "tasks": names, "steps": args.steps, "threshold": threshold, "keyframe_interval": interval,
-              "threads": torch.get_num_threads(), "storage": storage, "table": table,
-              "timing": timing, "timing_images": args.timing_images, "repeats": args.repeats}
-    write_json(report, out)
-    text = markdown(report, tasks)
-    print(text)
-    if args.doc:
-        write_doc(Path(args.doc), text)
-    return report
+    return predict, state.clear
 
 
+# ---------------------------------------------------------------------- report
 BEGIN, END = "<!-- sharing-benchmark:begin -->", "<!-- sharing-benchmark:end -->"
 
 
@@ -300,31 +442,267 @@ def write_doc(path: Path, text: str) -> None:
         path.write_text(f"{old}{BEGIN}\n{text}{END}\n")
 
 
-def markdown(report: dict[str, Any], tasks: dict[str, Task]) -> str:
-    names = report["tasks"]
-    arrows = {n: f"{n} {tasks[n].primary_metric} {'↓' if tasks[n].lower_is_better else '↑'}" for n in names}
-    lines = [
-        "| frames | method | params (M) | stored (MB) | GFLOPs/frame | ms/frame | "
-        + " | ".join(arrows[n] for n in names) + " | Δm vs (a) (%) |",
-        "|" + "---|" * (7 + len(names)),
-    ]
-    for row in report["table"]:
-        cells = [row["split"], row["method"], f"{row['params_M']:.3f}", f"{row['stored_MB']:.2f}",
-                 f"{row['gflops_per_frame']:.3f}", f"{row['ms_per_frame']:.1f}",
-                 *(f"{row['metrics'][n]:.4f}" for n in names), f"{row['delta_m']:+.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| sub-task | non-zero deltas | share | sparse bytes (int32 index + fp32 value) | full copy bytes |",
-              "|---|---|---|---|---|"]
-    for task, s in report["storage"].items():
-        lines.append(f"| {task} | {s['nonzero']} | {100 * s['share']:.2f}% | {s['sparse_bytes']} | {s['full_bytes']} |")
-    lines += ["", f"Interleaved timing ({report['timing_images']} test images x {report['repeats']} rounds, "
-              "each variant in turn on every image, rotating the order; 2x = the images upsampled to twice "
-              "the size):", "",
-              "| input | variant | GFLOPs/frame | ms/frame (median) |", "|---|---|---|---|"]
-    for scale, variants in report["timing"].items():
-        for name, figures in variants.items():
-            lines.append(f"| {scale} | {name} | {figures['gflops_per_frame']:.3f} | {figures['ms_per_frame']:.1f} |")
+def _spread(values: list[float], digits: int, sign: str = "") -> str:
+    """``mean ± std`` over seeds (the std of the sample; no spread for one seed)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return f"{mean:{sign}.{digits}f}"
+    return f"{mean:{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _paired(differences: list[float]) -> str:
+    """``mean ± std`` of per-seed differences; ``*`` when their 95 % t-interval excludes 0 (outside the seed
+    noise), nothing when it contains 0; one seed: the difference alone, no verdict."""
+    text = _spread(differences, 2, "+")
+    if len(differences) < 2:
+        return text
+    half = T_975[len(differences) - 1] * statistics.stdev(differences) / math.sqrt(len(differences))
+    return text + (" *" if abs(statistics.mean(differences)) > half else "")
+
+
+def aggregate(parts: list[dict[str, Any]], size: str) -> list[dict[str, Any]]:
+    """One row per method of ``size`` with its per-seed figures gathered (ratios against (a) of the seed)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for part in (p for p in parts if p["size"] == size):
+        reference = part["rows"][0]
+        for row in part["rows"]:
+            entry = rows.setdefault(row["method"], {k: row.get(k) for k in ("method", "l0", "mode", "tau")})
+            entry.setdefault("seeds", []).append(part["seed"])
+            figures = {"stored_mb": row["stored_mb"], "gflops": row["gflops"], "ms": row["ms"],
+                       "gflops_ratio": row["gflops"] / reference["gflops"], "ms_ratio": row["ms"] / reference["ms"],
+                       "delta_m": row["delta_m"], **{f"metric_{t}": v for t, v in row["metrics"].items()}}
+            for key, value in figures.items():
+                entry.setdefault(key, []).append(value)
+    return list(rows.values())
+
+
+def _row_cells(row: dict[str, Any]) -> list[str]:
+    return [row["method"], _spread(row["stored_mb"], 2), _spread(row["gflops"], 3), _spread(row["gflops_ratio"], 2),
+            _spread(row["ms"], 1), _spread(row["ms_ratio"], 2), *(_spread(row[f"metric_{t}"], 3) for t in TASKS),
+            _spread(row["delta_m"], 2, "+")]
+
+
+def markdown(parts: list[dict[str, Any]]) -> str:
+    header = ("| method | stored MB | GFLOPs/frame | x (a) | ms/frame | x (a) | semseg mIoU ↑ | depth rmse ↓ "
+              "| normals mean ↓ | Δm vs (a) (%) |")
+    lines = []
+    for size in (s for s in SIZES if any(p["size"] == s for p in parts)):
+        rows = aggregate(parts, size)
+        seeds = sorted({seed for row in rows for seed in row["seeds"]})
+        spec = next(p["spec"] for p in parts if p["size"] == size)
+        tokens = (spec["height"] // 8) * (spec["width"] // 8)
+        lines += [f"### {size}: {spec['height']} x {spec['width']} ({tokens} tokens), seeds {seeds}, "
+                  f"{spec['test']} test images", "", header, "|" + "---|" * 10]
+        lines += ["| " + " | ".join(_row_cells(row)) + " |" for row in rows]
+        good = [row for row in rows if row.get("mode") and statistics.mean(row["delta_m"]) >= -1.0]
+        lines += ["", f"Settings at Δm ≥ -1 % ({size}), cheapest counted GFLOPs first:", ""]
+        if good:
+            lines += [header, "|" + "---|" * 10]
+            lines += ["| " + " | ".join(_row_cells(row)) + " |"
+                      for row in sorted(good, key=lambda r: statistics.mean(r["gflops_ratio"]))[:8]]
+        else:
+            best = max((r for r in rows if r.get("mode")), key=lambda r: statistics.mean(r["delta_m"]))
+            spread = _spread(best["delta_m"], 2, "+")
+            lines.append(f"none; the best sharing setting is {best['method']} at Δm {spread} %")
+        lines += ["", *paired_lines(parts, size), "", *density_lines(parts, size), ""]
+        lines += pending_lines(size, [s for s in SEEDS if s not in seeds])
+    for size in (s for s in SIZES if not any(p["size"] == s for p in parts)):
+        spec = SIZES[size]
+        lines += [f"### {size}: {spec['height']} x {spec['width']}: not measured", "",
+                  *pending_lines(size, list(SEEDS))]
+    video = [row for part in parts for row in part.get("video", [])]
+    if video:
+        lines += [*video_lines(parts), "", *video_paired_lines(parts), ""]
+    for part in parts:
+        if part.get("profile"):
+            lines += [*profile_lines(part), ""]
+            break
     return "\n".join(lines) + "\n"
+
+
+def pending_lines(size: str, seeds: list[int]) -> list[str]:
+    """The commands that would add the missing seeds of ``size`` (nothing when none is missing)."""
+    if not seeds:
+        return []
+    units = ("sharing", "others", "video") if size == "small" else ("sharing", "others")
+    commands = [f"python benchmarks/sharing.py train --size {size} --seed {seed} --unit {unit}"
+                for seed in seeds for unit in units]
+    commands += [f"python benchmarks/sharing.py evaluate --size {size} --seed {seed}" for seed in seeds]
+    return [f"Pending ({size}): seeds {seeds}, not measured; to add them (then `report`):", "", "```",
+            *commands, "```", ""]
+
+
+def paired_lines(parts: list[dict[str, Any]], size: str) -> list[str]:
+    """Per-seed (paired) Δm differences: each sharing setting against the shared encoder (b), and element
+    against token mode at the same L0 weight and threshold; GFLOPs of element over token mode."""
+    by_seed = {p["seed"]: {r["method"]: r for r in p["rows"]} for p in parts if p["size"] == size}
+    seeds = sorted(by_seed)
+    shared = "(b) shared encoder"
+    lines = [f"Paired differences over seeds {seeds} (same seed, same test images; mean ± std of the per-seed "
+             "differences, * = the 95 % t-interval excludes 0, otherwise inside the seed noise):", "",
+             "| L0 weight | tau | Δm element − (b) | Δm token − (b) | Δm element − token "
+             "| GFLOPs element / token |", "|" + "---|" * 6]
+    for weight in L0_WEIGHTS:
+        for tau in THRESHOLDS:
+            rows = {mode: [by_seed[s][f"(c) sharing L0 {weight:g}, {mode}, tau {tau:g}"] for s in seeds]
+                    for mode in MODES}
+            base = [by_seed[s][shared]["delta_m"] for s in seeds]
+            element, token = ([r["delta_m"] for r in rows[mode]] for mode in MODES)
+            ratio = [e["gflops"] / t["gflops"] for e, t in zip(rows["element"], rows["token"], strict=True)]
+            lines.append(f"| {weight:g} | {tau:g} | {_paired([e - b for e, b in zip(element, base, strict=True)])} "
+                         f"| {_paired([t - b for t, b in zip(token, base, strict=True)])} "
+                         f"| {_paired([e - t for e, t in zip(element, token, strict=True)])} | {_spread(ratio, 2)} |")
+    return lines
+
+
+def density_lines(parts: list[dict[str, Any]], size: str) -> list[str]:
+    """Non-zero delta share per L0 weight and sub-task (mean over seeds)."""
+    lines = ["| L0 weight | " + " | ".join(f"{t} non-zero deltas" for t in TASKS[1:]) + " |",
+             "|---|" + "---|" * (len(TASKS) - 1)]
+    for weight in L0_WEIGHTS:
+        shares: dict[str, list[float]] = {}
+        for part in (p for p in parts if p["size"] == size):
+            row = next(r for r in part["rows"] if r.get("l0") == weight)
+            for task, share in row["density"].items():
+                shares.setdefault(task, []).append(100 * share)
+        lines.append(f"| {weight:g} | " + " | ".join(_spread(shares[t], 2) + " %" for t in TASKS[1:]) + " |")
+    return lines
+
+
+def video_lines(parts: list[dict[str, Any]]) -> list[str]:
+    """Video rows: GFLOPs per frame and Δm against per-frame sharing of the same model and mode."""
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    for part in parts:
+        per_frame = {(r["motion"], r["model"], r["mode"]): r["gflops"] for r in part.get("video", [])
+                     if r["setting"] == "per frame"}
+        for row in part.get("video", []):
+            key = (row["motion"], row["model"], row["mode"], row["setting"], row.get("tau_t"), row.get("layers"))
+            entry = groups.setdefault(key, {"gflops": [], "ratio": [], "delta_m": []})
+            entry["gflops"].append(row["gflops"])
+            entry["ratio"].append(per_frame[key[:3]] / row["gflops"])
+            entry["delta_m"].append(row["delta_m"])
+    lines = ["| clips | model | mode | setting | tau_t | sub-task blocks on the base | GFLOPs/frame "
+             "| fewer than per frame (x) | Δm vs per frame (%) |", "|" + "---|" * 9]
+    for (motion, model, mode, setting, tau_t, layers), entry in groups.items():
+        lines.append(f"| {motion} | {model} | {mode} | {setting} | {'' if tau_t is None else tau_t} "
+                     f"| {'' if layers is None else layers} | {_spread(entry['gflops'], 3)} "
+                     f"| {_spread(entry['ratio'], 2)} | {_spread(entry['delta_m'], 2, '+')} |")
+    return lines
+
+
+def video_paired_lines(parts: list[dict[str, Any]]) -> list[str]:
+    """Temporal training against none, paired by seed, clip kind, mode and setting: the difference of the
+    GFLOPs reduction and of Δm against per-frame inference."""
+    pairs: dict[tuple, dict[str, list[float]]] = {}
+    for part in parts:
+        rows = part.get("video", [])
+        per_frame = {(r["motion"], r["model"], r["mode"]): r["gflops"] for r in rows if r["setting"] == "per frame"}
+        found = {(r["motion"], r["model"], r["mode"], r.get("tau_t"), r.get("layers")): r for r in rows
+                 if r["setting"] != "per frame"}
+        for (motion, model, mode, tau_t, layers), row in found.items():
+            if model != "temporal training":
+                continue
+            other = found[(motion, "no temporal training", mode, tau_t, layers)]
+            entry = pairs.setdefault((motion, mode, tau_t, layers), {"ratio": [], "delta_m": []})
+            entry["ratio"].append(per_frame[(motion, model, mode)] / row["gflops"]
+                                  - per_frame[(motion, other["model"], mode)] / other["gflops"])
+            entry["delta_m"].append(row["delta_m"] - other["delta_m"])
+    lines = ["Temporal training minus no temporal training (paired by seed; * = outside the seed noise):", "",
+             "| clips | mode | tau_t | sub-task blocks on the base | reduction (x) difference | Δm difference (%) |",
+             "|" + "---|" * 6]
+    for (motion, mode, tau_t, layers), entry in pairs.items():
+        lines.append(f"| {motion} | {mode} | {tau_t} | {layers} | {_paired(entry['ratio'])} "
+                     f"| {_paired(entry['delta_m'])} |")
+    return lines
+
+
+def profile_lines(part: dict[str, Any]) -> list[str]:
+    """The top operators of one frame (torch profiler, self CPU time) of each profiled variant."""
+    lines = [f"Profile of one {part['spec']['height']} x {part['spec']['width']} frame (seed {part['seed']}, "
+             "self CPU time of the top operators):", ""]
+    for name, figures in part["profile"].items():
+        top = ", ".join(f"{op} {ms:.1f} ms" for op, ms, _ in figures["top"][:8])
+        lines.append(f"- {name}: {figures['total_ms']:.1f} ms in all; {top}")
+    return lines
+
+
+def plot(parts: list[dict[str, Any]], path: Path) -> None:
+    """Δm against counted GFLOPs and measured time (both relative to (a)), one column per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [s for s in SIZES if any(p["size"] == s for p in parts)]
+    fig, axes = plt.subplots(2, len(sizes), figsize=(6.5 * len(sizes), 9), squeeze=False)
+    colours = dict(zip(L0_WEIGHTS, ("tab:blue", "tab:orange", "tab:green"), strict=True))
+    for column, size in enumerate(sizes):
+        rows = aggregate(parts, size)
+        for line, (key, label) in enumerate((("gflops_ratio", "counted GFLOPs / (a)"), ("ms_ratio", "ms / (a)"))):
+            ax = axes[line][column]
+            for weight in L0_WEIGHTS:
+                for mode, marker in (("element", "o"), ("token", "s")):
+                    series = [r for r in rows if r.get("l0") == weight and r.get("mode") == mode]
+                    xs, ys = ([statistics.mean(r[k]) for r in series] for k in (key, "delta_m"))
+                    spread = [statistics.stdev(r["delta_m"]) if len(r["delta_m"]) > 1 else 0 for r in series]
+                    ax.errorbar(xs, ys, yerr=spread, marker=marker, color=colours[weight], capsize=2, markersize=4,
+                                linestyle="-" if mode == "element" else "--", label=f"L0 {weight:g}, {mode}")
+            for row, marker in zip(rows[:2], ("*", "D"), strict=True):
+                ax.plot(statistics.mean(row[key]), statistics.mean(row["delta_m"]), marker, color="black",
+                        markersize=10, label=row["method"])
+            ax.axhline(-1.0, color="grey", linewidth=0.8, linestyle=":")
+            if size == "large":
+                ax.axvline(0.5 if key == "gflops_ratio" else 0.6, color="red", linewidth=0.8, linestyle=":")
+            ax.set_xlabel(label)
+            ax.set_ylabel("Δm vs single-task models (%)")
+            ax.set_title(f"{size} ({SIZES[size]['height']} x {SIZES[size]['width']})")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="runs/bench/sharing", help="trained models and JSON results")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train")
+    train.add_argument("--size", choices=SIZES, required=True)
+    train.add_argument("--seed", type=int, required=True)
+    train.add_argument("--unit", choices=("sharing", "others", "video"), required=True)
+    train.add_argument("--steps", type=int, default=None, help="override the size's steps (smoke tests)")
+    evaluate = commands.add_parser("evaluate")
+    evaluate.add_argument("--size", choices=SIZES, required=True)
+    evaluate.add_argument("--seed", type=int, required=True)
+    evaluate.add_argument("--timing-images", type=int, default=4)
+    evaluate.add_argument("--repeats", type=int, default=2)
+    evaluate.add_argument("--test-images", type=int, default=None, help="override the size's count (smoke tests)")
+    evaluate.add_argument("--wait", type=float, default=0.0, help="hours to wait for the training units' models")
+    for name in ("profile", "video"):  # one part of evaluate again, for results evaluated by an earlier version
+        part = commands.add_parser(name)
+        part.add_argument("--size", choices=SIZES, required=True)
+        part.add_argument("--seed", type=int, required=True)
+    report = commands.add_parser("report")
+    report.add_argument("--doc", default=None)
+    report.add_argument("--figure", default=None)
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        work = Path(args.work)
+        parts = [json.loads(p.read_text()) for p in sorted(work.glob("*_seed*.json"))
+                 if not p.name.endswith(".profile.json")]
+        for part in parts:
+            extra = work / f"{part['size']}_seed{part['seed']}.profile.json"
+            if not part.get("profile") and extra.exists():
+                part["profile"] = json.loads(extra.read_text())
+        text = markdown(parts)
+        print(text)
+        if args.doc:
+            write_doc(Path(args.doc), text)
+        if args.figure:
+            plot(parts, Path(args.figure))
+        return
+    {"train": cmd_train, "evaluate": cmd_evaluate, "profile": cmd_profile, "video": cmd_video}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import yaml
 from densemtl.errors import ConfigError
 from densemtl.registry import ARCHITECTURES, BALANCERS, DATASETS, TASKS
 
+ACTIVATION_LAYERS = ("norm1", "qkv", "proj", "fc1", "gelu", "fc2", "norm2")  # per block, for sharing
 
 @dataclass
 class SyntheticConfig:
@@ -33,6 +34,8 @@ class SyntheticConfig:
     num_test: int = 100
     num_clips: int = 4
     clip_length: int = 16
+    motion: Literal["camera", "slow_camera", "static_camera", "mixed"] = "camera"  # of clips and neighbours
+    neighbour_offsets: list[int] = field(default_factory=list)  # training frames carry a neighbour at one of these
     seed: int = 0
     cache_dir: str | None = None  # default: $DENSEMTL_CACHE or ~/.cache/densemtl
 
@@ -145,19 +148,32 @@ class MTCPConfig:
 
 @dataclass
 class SharingConfig:
-    """Computation sharing between a base task and sub-tasks, across tasks and video frames."""
+    """Computation sharing between a base task and sub-tasks, across tasks and video frames.
+
+    Defaults follow the released code of Shoouri et al. where it is cheap to (gate temperature 1, log-alpha
+    initialised at 5, a scalar gate per tensor beside the per-element gates, every encoder tensor gated,
+    per-element output-delta inference); ``docs/results/sharing.md`` lists every remaining difference.
+    """
 
     base_task: str = "semseg"
-    l0_weight: float = 1e-4
-    activation_weight: float = 0.5  # on the mean (not the sum) of each layer's L1 activation difference
+    l0_weight: float | dict[str, float] = 1e-4  # x expected non-zero gates (a sum); one value or one per sub-task
+    activation_weight: float | dict[str, float] = 0.5  # one value or one per sub-task
+    activation_reduction: Literal["mean", "sum"] = "mean"  # of |A_sub - A_base| per layer (code: sum)
+    activation_layers: list[str] = field(default_factory=lambda: ["norm1", "qkv", "proj", "fc1", "gelu", "fc2"])
+    inference: Literal["element", "token"] = "element"  # output-delta elements (code) or whole tokens
     threshold: float = 0.15
     keyframe_interval: int = 4
     temporal_threshold: float = 0.15
-    temporal_weight: float = 0.0
+    temporal_weight: float = 0.0  # x sum over activation_layers of |A(frame) - A(neighbour, detached)|
+    temporal_source: Literal["neighbour", "shift"] = "neighbour"  # a real neighbouring frame, or a shifted copy
+    temporal_shift: int = 4  # pixels of the shifted copy (temporal_source: shift)
+    base_temporal_steps: int = 0  # an extra base phase with the temporal term, after the base phase
     phase_steps: list[int] = field(default_factory=lambda: [400, 300, 150, 150])
-    gate_init: float = 2.0  # initial log-alpha of the hard-concrete gates (open: P(z > 0) ~ 0.9)
+    gated: Literal["all", "linears"] = "all"  # which encoder tensors get a gated delta (code: all)
+    tensor_gates: bool = True  # a scalar gate per tensor beside the per-element gates (code: yes)
+    gate_init: float = 5.0  # initial log-alpha (code: 5; P(z > 0) ~ 0.99)
+    gate_temperature: float = 1.0  # of the hard-concrete samples (code: 1; Louizos et al.: 2/3)
     gate_scale: float = 50.0  # log_alpha = gate_scale * raw: the gates' learning-rate multiplier
-    temporal_shift: int = 4  # pixels of the pseudo next frame of the temporal consistency term
     video_task_layers: int = 2  # sub-task blocks using the current base (not the previous frame) on video
 
 
@@ -409,6 +425,7 @@ RANGES: dict[str, Bounds] = {
     "data.synthetic.num_clips": NON_NEGATIVE,
     "data.synthetic.clip_length": AT_LEAST_ONE,
     "data.synthetic.seed": NON_NEGATIVE,
+    "data.synthetic.neighbour_offsets": FINITE,  # frame offsets, either sign (distinct and non-zero: checked apart)
     "data.crop_size": AT_LEAST_ONE,
     "data.scale_range": POSITIVE,
     "data.batch_size": AT_LEAST_ONE,
@@ -455,7 +472,9 @@ RANGES: dict[str, Bounds] = {
     "sharing.temporal_weight": NON_NEGATIVE,
     "sharing.phase_steps": NON_NEGATIVE,
     "sharing.gate_init": FINITE,  # a log-alpha: any real number
+    "sharing.gate_temperature": POSITIVE,
     "sharing.gate_scale": POSITIVE,
+    "sharing.base_temporal_steps": NON_NEGATIVE,
     "sharing.temporal_shift": NON_NEGATIVE,
     "sharing.video_task_layers": NON_NEGATIVE,
 }
@@ -497,7 +516,7 @@ def validate(config: Config, source: str = "<config>") -> None:
     for registry, name in ((DATASETS, config.data.dataset), (ARCHITECTURES, config.model.arch),
                            (BALANCERS, config.loss.balancer)):
         registry.check(name, source)
-    for check in (_check_tasks, _check_ranges, _check_sizes, _check_loader):
+    for check in (_check_tasks, _check_ranges, _check_sizes, _check_sharing, _check_loader):
         check(config, fail)
 
 
@@ -545,3 +564,13 @@ def _check_ranges(config: Config, fail: _Fail) -> None:
         for item_key, value in _numbers(key, _get_dotted(config, key)):
             if not math.isfinite(value):
                 fail(item_key, f"must be a finite number, got {value}")
+
+
+def _check_sharing(config: Config, fail: _Fail) -> None:
+    """What :data:`RANGES` cannot say about the sharing options: known activation layers, distinct offsets."""
+    unknown = sorted(set(config.sharing.activation_layers) - set(ACTIVATION_LAYERS))
+    if unknown:
+        fail("sharing.activation_layers", f"unknown layers {unknown} (known: {', '.join(ACTIVATION_LAYERS)})")
+    offsets = config.data.synthetic.neighbour_offsets
+    if 0 in offsets or len(set(offsets)) != len(offsets):
+        fail("data.synthetic.neighbour_offsets", f"expected distinct non-zero frame offsets, got {offsets}")

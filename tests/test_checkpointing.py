@@ -9,32 +9,28 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from densemtl.config import ModelConfig
 from densemtl.models.backbones import FAMILIES, build_backbone
 from tests.conftest import TINY_ARGS, tiny_model
 
-LEAVES = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.BatchNorm2d)
-
 
 def _run(module: nn.Module, loss: Callable[[nn.Module], torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """The gradients of ``loss(module)`` by parameter name, and how many leaf-module calls forward and backward made."""
-    calls = [0]
-    hooks = [m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-             for m in module.modules() if isinstance(m, LEAVES)]
-    torch.manual_seed(1)  # stochastic depth (Swin) draws the same masks in both runs
+    """The gradients of ``loss(module)`` by parameter name, and the FLOPs that forward and backward counted
+    (a recomputation in the backward pass adds its forward's)."""
+    torch.manual_seed(1)  # stochastic depth (Swin) and gate samples draw the same in both runs
     module.zero_grad(set_to_none=True)
-    loss(module).backward()
-    for hook in hooks:
-        hook.remove()
+    with FlopCounterMode(display=False) as counter:
+        loss(module).backward()
     grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
-    return grads, calls[0]
+    return grads, counter.get_total_flops()
 
 
 def _assert_same_training(plain: nn.Module, checkpointed: nn.Module, loss: Callable[[nn.Module], torch.Tensor]) -> None:
-    grads, calls = _run(plain, loss)
-    grads_ckpt, calls_ckpt = _run(checkpointed, loss)
-    assert calls_ckpt > calls, "nothing was recomputed in the backward pass"
+    grads, flops = _run(plain, loss)
+    grads_ckpt, flops_ckpt = _run(checkpointed, loss)
+    assert flops_ckpt > flops, "nothing was recomputed in the backward pass"
     assert grads and grads.keys() == grads_ckpt.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-5, msg=name)
@@ -54,9 +50,10 @@ def test_every_backbone_family_gives_the_same_gradients_with_checkpointing(famil
     _assert_same_training(plain, checkpointed, lambda m: sum(f.square().mean() for f in m(image)))
 
 
-@pytest.mark.parametrize("phase", [0, 1])
+@pytest.mark.parametrize("phase", [0, 1, 3])
 def test_the_sharing_encoder_gives_the_same_gradients_with_checkpointing(phase: int) -> None:
-    """Phase 0 trains the base ViT, phase 1 the sub-tasks' deltas and gates through the frozen encoder."""
+    """Phase 0 trains the base ViT, phase 1 the sub-tasks' deltas and gates through the frozen encoder, phase 3
+    adds the activation-sharing term on activations recorded inside the checkpointed blocks."""
     plain = tiny_model(trained=False).train()
     plain.set_phase(phase)
     checkpointed = copy.deepcopy(plain)

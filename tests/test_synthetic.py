@@ -1,4 +1,5 @@
-"""The synthetic scenes: labels geometrically consistent, deterministic, smooth clips, cache, export."""
+"""The synthetic scenes: labels geometrically consistent, deterministic, smooth clips of three kinds of motion,
+neighbouring training frames, cache, export."""
 
 import hashlib
 from pathlib import Path
@@ -149,6 +150,59 @@ def test_cache_key_covers_the_generation_parameters(tmp_path):
     assert len(keys) == 5
     assert cache_path(_small(tmp_path, num_val=7), "train") == cache_path(base, "train")
     assert cache_path(_small(tmp_path, clip_length=5), "clips") != cache_path(base, "clips")
+    assert cache_path(_small(tmp_path, motion="slow_camera"), "clips") != cache_path(base, "clips")
+    assert cache_path(_small(tmp_path, motion="slow_camera"), "train") == cache_path(base, "train")
+    with_neighbours = _small(tmp_path, neighbour_offsets=[-1, 1])
+    assert cache_path(with_neighbours, "train") != cache_path(base, "train")
+    assert cache_path(with_neighbours, "val") == cache_path(base, "val")
+
+
+def _mean_step(frames: list[dict], key: str) -> float:
+    return float(np.mean([np.abs(a[key].astype(np.float32) - b[key].astype(np.float32)).mean()
+                          for a, b in zip(frames, frames[1:], strict=False)]))
+
+
+def test_clip_kinds_move_as_named():
+    """A slow camera changes the view less than the default one; a static camera keeps the room still and
+    moves a few objects (the floor and walls do not change between frames)."""
+    config = SyntheticConfig(height=48, width=64, clip_length=5, seed=2)
+    kinds = {kind: [render_clip(SyntheticConfig(**{**config.__dict__, "motion": kind}), index) for index in range(3)]
+             for kind in ("camera", "slow_camera", "static_camera")}
+    for index in range(3):
+        camera, slow, static = (kinds[k][index] for k in ("camera", "slow_camera", "static_camera"))
+        assert 0 < _mean_step(slow, "depth") < _mean_step(camera, "depth")
+        moved = np.stack([a["semseg"] != b["semseg"] for a, b in zip(static, static[1:], strict=False)])
+        room = np.isin(static[0]["semseg"], [CLASS_NAMES.index(n) for n in ("floor", "wall", "ceiling")])
+        assert 0 < moved.mean() < 0.1
+        still = ~moved.any(axis=0) & room
+        np.testing.assert_array_equal(static[0]["depth"][still], static[-1]["depth"][still])
+    mixed = SyntheticConfig(**{**config.__dict__, "motion": "mixed"})
+    for index, kind in enumerate(("camera", "slow_camera", "static_camera")):
+        np.testing.assert_array_equal(render_clip(mixed, index)[1]["image"], kinds[kind][index][1]["image"])
+
+
+def test_training_frames_carry_a_neighbour_augmented_alike(tmp_path):
+    synthetic_config = _small(tmp_path, height=48, width=64, num_train=4, neighbour_offsets=[-2, -1, 1],
+                              motion="slow_camera")
+    config = DataConfig(tasks=["semseg"], crop_size=[40, 56], scale_range=[0.8, 1.3], flip=True,
+                        synthetic=synthetic_config)
+    dataset = SyntheticDataset(config, "train", train=True)
+    assert dataset.arrays["neighbours"].shape == (4, 3, 48, 64, 3)
+    dataset.transform.set_epoch(0, 0)
+    offsets, flips = set(), []
+    for epoch in range(6):
+        dataset.transform.set_epoch(0, epoch)
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            again = dataset[index]
+            assert torch.equal(sample["neighbour"], again["neighbour"])  # a function of (seed, epoch, index)
+            assert sample["neighbour"].shape == sample["image"].shape == (3, 40, 56)
+            offsets.add(sample["meta"]["neighbour_offset"])
+            near = (sample["neighbour"] - sample["image"]).abs().mean()
+            flips.append(float(near) < float((sample["neighbour"].flip(-1) - sample["image"]).abs().mean()))
+    assert offsets == {-2, -1, 1}
+    assert all(flips)  # the same crop and flip: a neighbour is closer to its frame than its mirror image
+    assert "neighbour" not in SyntheticDataset(config, "val", train=False)[0]
 
 
 def test_unwritable_cache_dir_is_a_data_error(tmp_path):

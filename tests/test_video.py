@@ -66,10 +66,11 @@ def test_keyframe_interval_one_equals_per_frame(tmp_path: Path) -> None:
     assert written["keyframe_interval"] == 1 and len(written["per_frame"]) == 4
 
 
-def test_zero_thresholds_reuse_across_frames_equals_dense(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["element", "token"])
+def test_zero_thresholds_reuse_across_frames_equals_dense(tmp_path: Path, mode: str) -> None:
     frames = images(write_frames(tmp_path / "frames", 5))
     model = tiny_model()
-    inference = SharedInference(model, threshold=0.0, temporal_threshold=0.0, video_task_layers=1)
+    inference = SharedInference(model, threshold=0.0, temporal_threshold=0.0, video_task_layers=1, mode=mode)
     results = [result for result, _ in run_video(inference, frames, keyframe_interval=3)]
     for image, result in zip(frames, results, strict=True):
         dense = inference.dense(image)
@@ -77,10 +78,11 @@ def test_zero_thresholds_reuse_across_frames_equals_dense(tmp_path: Path) -> Non
             torch.testing.assert_close(result.pred[task], dense.pred[task], rtol=1e-4, atol=1e-4)
 
 
-def test_static_video_reuses_everything_between_keyframes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["element", "token"])
+def test_static_video_reuses_everything_between_keyframes(tmp_path: Path, mode: str) -> None:
     frames = images(write_frames(tmp_path / "frames", 3, static=True))
     model = tiny_model()
-    inference = SharedInference(model, threshold=0.15, temporal_threshold=0.15)
+    inference = SharedInference(model, threshold=0.15, temporal_threshold=0.15, mode=mode)
     results = [result for result, _ in run_video(inference, frames, keyframe_interval=10)]
     for result in results[1:]:
         assert result.recomputed[model.base_task] == 0.0
@@ -114,7 +116,7 @@ def test_cli_predict_video(tmp_path: Path) -> None:
 
 def test_single_image_result_cannot_seed_a_video(tmp_path: Path) -> None:
     frames = images(write_frames(tmp_path / "frames", 2))
-    inference = SharedInference(tiny_model(), threshold=0.15)
+    inference = SharedInference(tiny_model(), threshold=0.15, mode="token")
     single = inference.run(frames[0], for_video=False)
     torch.testing.assert_close(single.pred["depth"], inference.run(frames[0]).pred["depth"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="for_video"):

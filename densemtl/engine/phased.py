@@ -12,6 +12,7 @@ and ``evaluate`` take), and every task is validated in the architecture's deploy
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,18 +100,24 @@ def _evaluate_deployed(
     return results
 
 
+def phase_config(config: Config, phase: Phase) -> Config:
+    """``config`` for one phase: ``loss.weights`` of the phase's tasks only (the others do not train there)."""
+    weights = {name: weight for name, weight in config.loss.weights.items() if name in phase.tasks}
+    return replace(config, loss=replace(config.loss, weights=weights))
+
+
 def _phase_trainer(config: Config, run: RunSetup, model: nn.Module, index: int, phase: Phase, folder: Path) -> Trainer:
     """The trainer of one phase: its tasks' objective, validation on them, its seed and parameters."""
     tasks = {name: run.tasks[name] for name in phase.tasks}
-    objective = build_objective(
-        config, tasks, {name: model.feature_channels[name] for name in tasks}, run.steps_per_epoch(config)
-    )
+    channels = {name: model.feature_channels[name] for name in tasks}
+    objective = build_objective(phase_config(config, phase), tasks, channels, run.steps_per_epoch(config))
     seed_everything(config.train.seed + 1000 * index + run.dist_info.rank)
     several = folder != Path(config.out_dir)
     return Trainer(
         config, model, objective, run.train_set, folder, info=run.info,
         evaluator=build_evaluator(config, run.val_set, tasks, run.device), sample_set=run.val_set,
         parameters=phase.parameters(model), steps=phase.steps, dist_info=run.dist_info, device=run.device,
+        loss_hook=phase.loss_hook, clip_groups=phase.clip_groups(model) if phase.clip_groups else None,
         steps_key=f"the steps of phase {index} ({phase.name})" if several else "train.steps",
     )
 

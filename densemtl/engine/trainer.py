@@ -133,7 +133,8 @@ class Trainer:
 
     ``parameters`` (default: the model's trainable ones) are what the optimiser updates, together with
     the objective's own (balancer weights, regularizer projectors). ``loss_hook(model, output, batch)``
-    returns extra named loss terms added to the total. ``evaluator(model)`` returns
+    returns extra named loss terms added to the total. ``clip_groups`` (default: all ``parameters`` as one)
+    are clipped to ``train.grad_clip`` each. ``evaluator(model)`` returns
     ``{task: {metric: value}}`` and is called on every rank every ``train.eval_every`` steps and at the
     end (it must reduce its metrics across ranks). ``data.batch_size`` is per process.
 
@@ -156,6 +157,7 @@ class Trainer:
         parameters: Iterable[nn.Parameter] | None = None,
         steps: int | None = None,
         loss_hook: LossHook | None = None,
+        clip_groups: list[list[nn.Parameter]] | None = None,
         sample_set: Dataset | None = None,
         dist_info: distributed.DistInfo | None = None,
         device: torch.device | None = None,
@@ -181,6 +183,7 @@ class Trainer:
         self.objective = objective.to(device)
         trainable = list(parameters) if parameters is not None else list(model.parameters())
         self._model_params = trainable
+        self._clip_groups = clip_groups or [trainable]
         own = {id(p) for p in trainable}
         self._objective_params = [p for p in objective.parameters() if p.requires_grad and id(p) not in own]
         self.optimizer = torch.optim.AdamW(
@@ -327,11 +330,11 @@ class Trainer:
     def _checked_gradient_norm(self) -> torch.Tensor:
         """The network's gradient norm, after stopping on a non-finite gradient (one device sync) and clipping.
 
-        The network and the objective's own parameters (balancer weights, projectors) are clipped apart, so
-        large balancer gradients (GradNorm) never shrink the network's step. With fp16 a non-finite gradient
-        is the GradScaler's to handle: it skips the step and lowers its scale.
+        The network's clip groups and the objective's own parameters (balancer weights, projectors) are clipped
+        apart, so large balancer gradients (GradNorm) never shrink the network's step, nor one group another's.
+        With fp16 a non-finite gradient is the GradScaler's to handle: it skips the step and lowers its scale.
         """
-        groups = [[p for p in params if p.grad is not None] for params in (self._model_params, self._objective_params)]
+        groups = [[p for p in params if p.grad is not None] for params in (*self._clip_groups, self._objective_params)]
         zero = torch.zeros((), device=self.device)
         norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) if group else zero for group in groups]
         if not self.scaler.is_enabled() and not bool(torch.isfinite(torch.stack(norms)).all()):
@@ -344,7 +347,7 @@ class Trainer:
         if self.train_cfg.grad_clip:
             for group, norm in zip(groups, norms, strict=True):
                 torch.nn.utils.clip_grads_with_norm_(group, self.train_cfg.grad_clip, norm)
-        return norms[0].detach()
+        return torch.stack(norms[:-1]).norm().detach()
 
     def _named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield from _unwrap(self.model).named_parameters()

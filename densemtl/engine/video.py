@@ -3,9 +3,12 @@ tasks and through time; the checkpoint's architecture must be deployed as a :cla
 ``sharing`` architecture's :class:`densemtl.models.sharing.inference.SharedInference`).
 
 Every ``keyframe_interval``-th frame is a keyframe (the base task runs in full, sub-tasks reuse the base's
-activations); the frames between reuse the previous frame's activations. Each frame is also run in full
-(every task densely) for the comparison; the report ``out/video_report.json`` holds, per frame, the counted
-FLOPs and the measured time of both, and the share of tokens recomputed per task. Predictions are written
+activations); the frames between reuse the previous frame's activations, in the checkpoint's
+``sharing.inference`` mode (element: output-delta elements, counted FLOPs; token: whole tokens, measured
+time). A model trained with the temporal term (``configs/synthetic_sharing_video.yaml``) changes less
+between frames, so more is reused. Each frame is also run in full (every task densely) for the comparison;
+the report ``out/video_report.json`` holds, per frame, the counted FLOPs and the measured time of both,
+and the share recomputed per task (tokens, or output elements in element mode). Predictions are written
 as ``out/<task>/<frame>.<ext>`` (:meth:`Task.save`).
 """
 
@@ -132,6 +135,7 @@ def predict_video(
         "checkpoint": str(checkpoint),
         "frames": len(records),
         "keyframe_interval": interval,
+        "inference": sharing.inference,
         "threshold": float(sharing.threshold),
         "temporal_threshold": float(sharing.temporal_threshold),
         "gflops_per_frame": statistics.mean(r["gflops"] for r in records),

@@ -13,12 +13,17 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from torch import nn
 
+from densemtl.models.output import ModelOutput
+
 if TYPE_CHECKING:
+    import torch
+
     from densemtl.config import Config
     from densemtl.dataset_info import DatasetInfo
     from densemtl.tasks import Task
 
 ModelBuilder = Callable[["Config", "DatasetInfo", "dict[str, Task]"], nn.Module]
+LossHook = Callable[[nn.Module, ModelOutput, "dict[str, Any]"], "dict[str, torch.Tensor]"]
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -36,7 +41,10 @@ class Phase:
 
     ``enter(model)`` puts the model in this phase (which parameters require gradients, what is frozen);
     it runs before the phase, even one of 0 steps, so later phases start from the right state.
-    ``parameters(model)`` (called after ``enter``) are what the optimiser updates.
+    ``parameters(model)`` (called after ``enter``) are what the optimiser updates. ``loss_hook(model,
+    output, batch)`` returns extra named loss terms (e.g. one that needs a batch entry beyond the image).
+    ``clip_groups(model)``, when set, splits the parameters into groups whose gradients are clipped apart
+    (``train.grad_clip`` each), e.g. tasks trained jointly that must not shrink each other's steps.
     """
 
     name: str
@@ -44,6 +52,8 @@ class Phase:
     tasks: tuple[str, ...]
     enter: Callable[[nn.Module], None] = _leave_as_is
     parameters: Callable[[nn.Module], list[nn.Parameter]] = trainable_parameters
+    loss_hook: LossHook | None = None
+    clip_groups: Callable[[nn.Module], list[list[nn.Parameter]]] | None = None
 
 
 def one_phase(config: Config, model: nn.Module) -> list[Phase]:

@@ -4,6 +4,8 @@ A gate ``z`` in [0, 1] per element: during training ``s = sigmoid((log u - log(1
 with ``u ~ U(0, 1)``, stretched to ``(l, r) = (-1.5, 1.5)`` and clipped, so exact zeros (and ones) have a
 non-zero probability; at test time ``z = clip(sigmoid(log_alpha) (r - l) + l, 0, 1)``. The expected number
 of non-zero gates, ``sum sigmoid(log_alpha - beta log(-l / r))``, is differentiable and is the L0 penalty.
+The temperature ``beta`` is 1 by default, as in the released code of computation sharing (its sampler
+has no temperature); Louizos et al.'s 2/3 is an option.
 
 ``log_alpha = scale * raw`` with ``raw`` the trained parameter: ``scale`` acts as a learning-rate multiplier
 for the gates under Adam (whose steps are about ``lr`` in ``raw``), so the gates can open or close within
@@ -21,15 +23,17 @@ from torch import nn
 
 STRETCH_LOW = -1.5
 STRETCH_HIGH = 1.5
-TEMPERATURE = 2.0 / 3.0
 
 
 class HardConcreteGate(nn.Module):
-    """One hard-concrete gate per element of a tensor of ``shape``."""
+    """One hard-concrete gate per element of a tensor of ``shape`` (``()``: one gate for a whole tensor)."""
 
-    def __init__(self, shape: tuple[int, ...], init: float = 2.0, scale: float = 1.0) -> None:
+    def __init__(
+        self, shape: tuple[int, ...], init: float = 5.0, scale: float = 1.0, temperature: float = 1.0
+    ) -> None:
         super().__init__()
         self.scale = scale
+        self.temperature = temperature
         self.raw = nn.Parameter(torch.full(shape, init / scale))
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
         self.register_buffer("frozen", torch.tensor(False))
@@ -40,13 +44,10 @@ class HardConcreteGate(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The gate values: a sample in training, the deterministic gate in eval, the mask once frozen."""
-        if bool(self.frozen):
-            return self.mask.to(self.raw.dtype)
-        if self.training:
-            u = torch.rand_like(self.raw).clamp(1e-6, 1 - 1e-6)
-            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / TEMPERATURE)
-        else:
-            s = torch.sigmoid(self.log_alpha)
+        if bool(self.frozen) or not self.training:
+            return self.deterministic()
+        u = torch.rand_like(self.raw).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.temperature)
         return (s * (STRETCH_HIGH - STRETCH_LOW) + STRETCH_LOW).clamp(0.0, 1.0)
 
     def deterministic(self) -> torch.Tensor:
@@ -60,7 +61,7 @@ class HardConcreteGate(nn.Module):
         """Expected number of non-zero gates (differentiable in ``log_alpha``); the mask count once frozen."""
         if bool(self.frozen):
             return self.mask.sum().to(self.raw.dtype)
-        shift = TEMPERATURE * math.log(-STRETCH_LOW / STRETCH_HIGH)
+        shift = self.temperature * math.log(-STRETCH_LOW / STRETCH_HIGH)
         return torch.sigmoid(self.log_alpha - shift).sum()
 
     @torch.no_grad()

@@ -17,9 +17,12 @@ class ModelOutput(TypedDict, total=False):
     ``intermediate``: ``{task: [raw, ...]}`` deep-supervision outputs at any size (weighted by
     ``mtcp.traceback_weight`` in the objective, targets resized with nearest neighbour).
     ``extra_losses``: ``{name: scalar}`` loss terms already weighted (L0 penalty, consistency, ...).
+    ``activations``: ``{task: {layer: activation}}`` recorded for a phase's loss hook (computation sharing's
+    temporal term).
     """
 
     pred: Required[dict[str, Tensor]]
     features: dict[str, Tensor]
     intermediate: dict[str, list[Tensor]]
     extra_losses: dict[str, Tensor]
+    activations: dict[str, dict[str, Tensor]]

@@ -1,12 +1,14 @@
 """A compact plain ViT encoder whose every linear layer goes through an *executor*, and a dense decoder.
 
-The encoder fixes the network's structure (patch embedding as a linear over flattened patches, pre-norm
-blocks ``x + proj(attn(qkv(norm1 x)))``, ``x + fc2(gelu(fc1(norm2 x)))``, final norm); the executor decides
-how each linear and each attention is computed. :class:`DenseExecutor` computes everything, with any set of
-weights (the base model's or a sub-task's ``W_base + z * dW``), and can record activations and a
-:data:`Trace` (every linear's input and output, every attention's probabilities and output) that the
-token-skipping executor of :mod:`densemtl.models.sharing` reuses. Linear names: ``patch`` and
-``blocks.{i}.{qkv,proj,fc1,fc2}``; attentions: ``blocks.{i}.attn``.
+The encoder fixes the network's structure (patch embedding as a linear over flattened patches plus a
+position embedding, pre-norm blocks ``x + proj(attn(qkv(norm1 x)))``, ``x + fc2(gelu(fc1(norm2 x)))``,
+final norm); the executor decides how each linear, each attention and the embedding output are computed,
+and with which tensors (:data:`Weights`: the base model's, or a sub-task's ``base + gated delta``; the final
+norm is always the base model's). :class:`DenseExecutor` computes everything and can record activations and
+a :data:`Trace` (every linear's input and output, every attention's probabilities and output, the embedding
+output) that the sharing runtimes of :mod:`densemtl.models.sharing` reuse. Names: linears ``patch`` and
+``blocks.{i}.{qkv,proj,fc1,fc2}``; attentions ``blocks.{i}.attn``; the embedding output ``embed``; observed
+activations ``blocks.{i}.{norm1,norm2,gelu}``.
 
 FLOPs are counted as 2 x multiply-adds of the matrix products (what ``torch.utils.flop_counter`` counts).
 """
@@ -14,6 +16,7 @@ FLOPs are counted as 2 x multiply-adds of the matrix products (what ``torch.util
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,8 +26,10 @@ from torch import nn
 
 from densemtl.models.checkpointing import checkpointed
 
-Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Weights = dict[str, torch.Tensor]  # encoder parameter name ("pos", "blocks.0.qkv.weight", ...) -> tensor
 BLOCK_LINEARS = ("qkv", "proj", "fc1", "fc2")
+EMBED = "embed"
+NORM_EPS = 1e-6
 
 
 @dataclass
@@ -43,13 +48,24 @@ class AttentionRef:
     out: torch.Tensor
 
 
-Trace = dict[str, LinearRef | AttentionRef]
+Trace = dict[str, LinearRef | AttentionRef | torch.Tensor]  # EMBED -> the embedding output (tokens x D)
+
+
+def layer_kind(name: str) -> str:
+    """``blocks.3.fc1`` -> ``fc1``."""
+    return name.rsplit(".", 1)[-1]
 
 
 class Executor(Protocol):
+    weights: Weights
+
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor: ...
 
     def attention(self, name: str, qkv: torch.Tensor, heads: int) -> torch.Tensor: ...
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def observe(self, name: str, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,43 +86,66 @@ def merge_heads(out: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).flatten(2)
 
 
-class DenseExecutor:
-    """Computes every linear with ``weights``; optionally records outputs and a full :data:`Trace`."""
+def attention_flops(batch: int, tokens: int, width: int) -> int:
+    """FLOPs of the two attention products (scores and weighted values) over all heads."""
+    return 4 * batch * tokens * tokens * width
 
-    def __init__(self, weights: Weights, record: bool = False, trace: bool = False) -> None:
+
+class DenseExecutor:
+    """Computes everything with ``weights``; optionally records activations and a full :data:`Trace`.
+
+    ``record``: the layer kinds whose outputs go to ``activations`` (e.g. ``{"norm1", "qkv", "gelu"}``).
+    ``trace_attention`` False leaves the attention probabilities out of the trace; without them the
+    attention runs fused (``scaled_dot_product_attention``: no N x N matrix kept).
+    """
+
+    def __init__(
+        self, weights: Weights, record: Collection[str] = (), trace: bool = False, trace_attention: bool = True
+    ) -> None:
         self.weights = weights
-        self.activations: dict[str, torch.Tensor] | None = {} if record else None
+        self.record = frozenset(record)
+        self.activations: dict[str, torch.Tensor] = {}
         self.trace: Trace | None = {} if trace else None
+        self.trace_attention = trace and trace_attention
         self.flops = 0
 
+    def observe(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if layer_kind(name) in self.record:
+            self.activations[name] = x
+        return x
+
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weights[name]
-        y = F.linear(x, weight, bias)
+        weight = self.weights[f"{name}.weight"]
+        y = F.linear(x, weight, self.weights[f"{name}.bias"])
         self.flops += 2 * x.numel() * weight.shape[0]
-        if self.activations is not None and name != "patch":
-            self.activations[name] = y
         if self.trace is not None:
             self.trace[name] = LinearRef(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))
-        return y
+        return self.observe(name, y)
 
     def attention(self, name: str, qkv: torch.Tensor, heads: int) -> torch.Tensor:
         q, k, v = split_heads(qkv, heads)
-        probs, out = attend(q, k, v)
-        out = merge_heads(out)
-        batch, tokens, width = out.shape
-        self.flops += 4 * batch * tokens * tokens * width
-        if self.trace is not None:
+        if not self.trace_attention:
+            out = merge_heads(F.scaled_dot_product_attention(q, k, v))
+        else:
+            probs, out = attend(q, k, v)
+            out = merge_heads(out)
             self.trace[name] = AttentionRef(probs, out)
+        self.flops += attention_flops(*out.shape)
         return out
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trace is not None:
+            self.trace[EMBED] = x.reshape(-1, x.shape[-1])
+        return x
 
 
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.fc1 = nn.Linear(dim, mlp_dim)
         self.fc2 = nn.Linear(mlp_dim, dim)
 
@@ -125,13 +164,13 @@ class ViTEncoder(nn.Module):
         grid = (math.ceil(image_size[0] / patch), math.ceil(image_size[1] / patch))
         self.pos = nn.Parameter(torch.randn(1, dim, *grid) * 0.02)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, eps=NORM_EPS)
         self.linear_names = ["patch"] + [f"blocks.{i}.{n}" for i in range(depth) for n in BLOCK_LINEARS]
         self.checkpointing = False  # recompute each block's activations in the backward pass
 
     def weights(self) -> Weights:
-        """The base model's weights of every linear, by name."""
-        return {name: (module.weight, module.bias) for name, module in self.named_linears()}
+        """The base model's tensors that a sub-task may change: every parameter but the final norm's."""
+        return {name: param for name, param in self.named_parameters() if not name.startswith("norm.")}
 
     def named_linears(self) -> list[tuple[str, nn.Linear]]:
         modules = dict(self.named_modules())
@@ -145,16 +184,18 @@ class ViTEncoder(nn.Module):
         image = F.pad(image, (0, grid[1] * p - width, 0, grid[0] * p - height))
         return F.unfold(image, kernel_size=p, stride=p).transpose(1, 2), grid
 
-    def position(self, grid: tuple[int, int]) -> torch.Tensor:
-        pos = self.pos
+    def position(self, grid: tuple[int, int], pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The position embedding ``pos`` (default: the base's) resampled to ``grid``, as 1 x N x D."""
+        pos = self.pos if pos is None else pos
         if tuple(pos.shape[-2:]) != grid:
             pos = F.interpolate(pos, size=grid, mode="bilinear", align_corners=False)
         return pos.flatten(2).transpose(1, 2)
 
     def forward(self, image: torch.Tensor, executor: Executor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B x N x D final tokens, grid) with every linear and attention computed by ``executor``."""
+        weights = executor.weights
         patches, grid = self.patchify(image)
-        x = executor.linear("patch", patches) + self.position(grid)
+        x = executor.embed(executor.linear("patch", patches) + self.position(grid, weights["pos"]))
         checkpointing = self.checkpointing and torch.is_grad_enabled()
         for index, block in enumerate(self.blocks):
             if checkpointing:
@@ -164,11 +205,17 @@ class ViTEncoder(nn.Module):
         return self.norm(x), grid
 
     def block_forward(self, index: int, x: torch.Tensor, executor: Executor) -> torch.Tensor:
-        """Block ``index`` on the tokens ``x`` (B x N x D)."""
-        block, prefix = self.blocks[index], f"blocks.{index}"
-        qkv = executor.linear(f"{prefix}.qkv", block.norm1(x))
-        x = x + executor.linear(f"{prefix}.proj", executor.attention(f"{prefix}.attn", qkv, self.heads))
-        return x + executor.linear(f"{prefix}.fc2", F.gelu(executor.linear(f"{prefix}.fc1", block.norm2(x))))
+        """Block ``index`` on the tokens ``x`` (B x N x D), with the executor's weights."""
+        weights, prefix = executor.weights, f"blocks.{index}"
+        h = executor.observe(f"{prefix}.norm1", self._norm(weights, f"{prefix}.norm1", x))
+        attended = executor.attention(f"{prefix}.attn", executor.linear(f"{prefix}.qkv", h), self.heads)
+        x = x + executor.linear(f"{prefix}.proj", attended)
+        h = executor.observe(f"{prefix}.norm2", self._norm(weights, f"{prefix}.norm2", x))
+        h = executor.observe(f"{prefix}.gelu", F.gelu(executor.linear(f"{prefix}.fc1", h)))
+        return x + executor.linear(f"{prefix}.fc2", h)
+
+    def _norm(self, weights: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.dim,), weights[f"{name}.weight"], weights[f"{name}.bias"], NORM_EPS)
 
 
 class TokenDecoder(nn.Module):

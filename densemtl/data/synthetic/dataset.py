@@ -17,20 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from densemtl.config import DataConfig, SyntheticConfig
 from densemtl.data.base import DenseDataset
 from densemtl.data.synthetic.render import render
-from densemtl.data.synthetic.scene import CLASS_NAMES, sample_scene
-from densemtl.data.transforms import build_transform
+from densemtl.data.synthetic.scene import CLASS_NAMES, MOTIONS, sample_clip, sample_scene
+from densemtl.data.transforms import build_transform, to_tensor_sample
 from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import DataError
 
 GENERATOR_VERSION = 3
 SYNTHETIC_TASKS = ("semseg", "depth", "normals", "edge", "saliency")
 SPLITS = ("train", "val", "test")
+MOTION_KINDS = tuple(MOTIONS)
 
 
 def _split_stream(split: str) -> int:
@@ -40,18 +42,37 @@ def _split_stream(split: str) -> int:
     return streams[split]
 
 
+def motion_of(config: SyntheticConfig, index: int) -> str:
+    """The kind of motion of clip (or training frame) ``index``: ``mixed`` takes the kinds in turn."""
+    return MOTION_KINDS[index % len(MOTION_KINDS)] if config.motion == "mixed" else config.motion
+
+
 def render_frame(config: SyntheticConfig, split: str, index: int) -> dict[str, Any]:
-    """Frame ``index`` of ``split``: a fresh scene and camera drawn from ``(seed, split, index)``."""
+    """Frame ``index`` of ``split``: a fresh scene and camera drawn from ``(seed, split, index)``.
+
+    Training frames with ``neighbour_offsets`` are frames of a short clip of their scene (motion
+    :func:`motion_of`); ``neighbours`` then holds the images at those offsets (K x H x W x 3).
+    """
     rng = np.random.default_rng([config.seed, _split_stream(split), index])
-    scene, cameras = sample_scene(rng, 1)
-    return render(scene, cameras[0], config.height, config.width, rng)
+    offsets = config.neighbour_offsets if split == "train" else []
+    if not offsets:
+        scene, cameras = sample_scene(rng, 1)
+        return render(scene, cameras[0], config.height, config.width, rng)
+    first = min(0, *offsets)
+    _, cameras, scenes = sample_clip(rng, max(0, *offsets) - first + 1, motion_of(config, index))
+    frame = render(scenes[-first], cameras[-first], config.height, config.width, rng)
+    frame["neighbours"] = np.stack([render(scenes[k - first], cameras[k - first], config.height, config.width,
+                                           rng)["image"] for k in offsets])
+    return frame
 
 
 def render_clip(config: SyntheticConfig, clip_index: int) -> list[dict[str, Any]]:
-    """Clip ``clip_index``: ``config.clip_length`` consecutive frames of one scene, camera moving smoothly."""
+    """Clip ``clip_index``: ``config.clip_length`` consecutive frames of one scene, moving as
+    :func:`motion_of` says (the default: the camera moves smoothly)."""
     rng = np.random.default_rng([config.seed, _split_stream("clips"), clip_index])
-    scene, cameras = sample_scene(rng, config.clip_length)
-    return [render(scene, camera, config.height, config.width, rng) for camera in cameras]
+    _, cameras, scenes = sample_clip(rng, config.clip_length, motion_of(config, clip_index))
+    return [render(scene, camera, config.height, config.width, rng) for scene, camera in zip(scenes, cameras,
+                                                                                             strict=True)]
 
 
 def split_size(config: SyntheticConfig, split: str) -> int:
@@ -74,6 +95,10 @@ def cache_path(config: SyntheticConfig, split: str) -> Path:
               "seed": config.seed, "frames": split_size(config, split)}
     if split == "clips":
         params.update(num_clips=config.num_clips, clip_length=config.clip_length)
+    if split == "train" and config.neighbour_offsets:
+        params.update(neighbour_offsets=list(config.neighbour_offsets))
+    if config.motion != "camera" and (split == "clips" or "neighbour_offsets" in params):
+        params.update(motion=config.motion)  # absent for the original kind, so its caches keep their names
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir(config) / f"synthetic-{split}-{config.height}x{config.width}-{key}.npz"
 
@@ -86,7 +111,8 @@ def _generate(config: SyntheticConfig, split: str) -> dict[str, np.ndarray]:
     else:
         frames = [render_frame(config, split, index)
                   for index in tqdm(range(split_size(config, split)), desc=f"synthetic {split}", unit="frame")]
-    return {key: np.stack([frame[key] for frame in frames]) for key in ("image", *SYNTHETIC_TASKS)}
+    keys = ("image", *SYNTHETIC_TASKS, *(("neighbours",) if "neighbours" in frames[0] else ()))
+    return {key: np.stack([frame[key] for frame in frames]) for key in keys}
 
 
 def load_split(config: SyntheticConfig, split: str) -> dict[str, np.ndarray]:
@@ -153,6 +179,7 @@ class SyntheticDataset(DenseDataset):
         self.split = split
         self.tasks = self.check_tasks(data_config.tasks)
         self.arrays = load_split(data_config.synthetic, split)
+        self.data_offsets = list(data_config.synthetic.neighbour_offsets)
         self.transform = build_transform(data_config, train=train)
 
     @classmethod
@@ -169,7 +196,28 @@ class SyntheticDataset(DenseDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = _frame_targets(self.arrays, index, self.tasks)
         sample["meta"] = {"name": f"{self.split}_{index:05d}"}
-        return self.transform(sample, index)
+        if "neighbours" not in self.arrays:
+            return self.transform(sample, index)
+        return self._with_neighbour(sample, index)
+
+    def _with_neighbour(self, sample: dict[str, Any], index: int) -> dict[str, Any]:
+        """The sample plus ``neighbour``: the image at one of the neighbour offsets (drawn per sample and
+        epoch like the augmentation), augmented exactly as the frame itself (one seed for both)."""
+        epoch_seed = self.transform.epoch_seed
+        if epoch_seed is None:
+            seed = int(torch.randint(2**62, ()))
+        else:
+            seed = int(np.random.SeedSequence([*epoch_seed, index, 1]).generate_state(1, dtype=np.uint64)[0] >> 2)
+        neighbours = self.arrays["neighbours"][index]
+        choice = int(torch.randint(len(neighbours), (), generator=torch.Generator().manual_seed(seed)))
+        frame = to_tensor_sample(sample)
+        neighbour = to_tensor_sample({"image": neighbours[choice], "meta": {}})
+        if self.transform.train:
+            frame = self.transform.augment(frame, torch.Generator().manual_seed(seed + 1))
+            neighbour = self.transform.augment(neighbour, torch.Generator().manual_seed(seed + 1))
+        frame["neighbour"] = neighbour["image"]
+        frame["meta"]["neighbour_offset"] = int(self.data_offsets[choice])
+        return frame
 
 
 class SyntheticClips(Dataset):

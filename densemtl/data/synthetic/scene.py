@@ -9,7 +9,7 @@ instance draws a material (colours and a texture pattern) for the renderer. All 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -270,8 +270,9 @@ def _sample_room(rng: np.random.Generator) -> Scene:
     return scene
 
 
-def _sample_path(rng: np.random.Generator, size: np.ndarray, length: int) -> list[Camera]:
-    """A camera path: a slow straight move with a smoothly turning view (one pose when ``length`` is 1)."""
+def _sample_path(rng: np.random.Generator, size: np.ndarray, length: int, pace: float = 1.0) -> list[Camera]:
+    """A camera path: a slow straight move with a smoothly turning view (one pose when ``length`` is 1);
+    ``pace`` scales the speed and the turn (0: a static camera), after the same draws."""
     margin = 0.6
     start = np.array([rng.uniform(margin, size[0] - margin), rng.uniform(1.0, 1.7),
                       rng.uniform(margin, size[2] - margin)])
@@ -281,6 +282,8 @@ def _sample_path(rng: np.random.Generator, size: np.ndarray, length: int) -> lis
         -1, 1)])
     aim[1] = rng.uniform(0.2, 1.5)
     speed, turn = rng.uniform(0.02, 0.05), rng.uniform(-0.4, 0.4)
+    if pace != 1.0:
+        speed, turn = speed * pace, turn * pace
     heading = rng.uniform(0, 2 * np.pi)
     direction = np.array([np.cos(heading), rng.uniform(-0.1, 0.1), np.sin(heading)])
     roll = rng.uniform(-0.05, 0.05)
@@ -296,9 +299,61 @@ def _sample_path(rng: np.random.Generator, size: np.ndarray, length: int) -> lis
     return cameras
 
 
+# Kinds of motion of a clip: camera pace (a factor of the default path's speed and turn) and whether some
+# furniture moves. "camera" is the original generator (its draws are unchanged).
+MOTIONS: dict[str, tuple[float, bool]] = {
+    "camera": (1.0, False),
+    "slow_camera": (0.25, False),
+    "static_camera": (0.0, True),
+}
+
+
 def sample_scene(rng: np.random.Generator, length: int = 1) -> tuple[Scene, list[Camera]]:
     """A furnished room and ``length`` camera poses moving smoothly through it (free of furniture)."""
-    scene = _sample_room(rng)
-    cameras = _sample_path(rng, scene.size, length)
-    _furnish(scene, rng, _Floor(scene.size, cameras))
+    scene, cameras, _ = sample_clip(rng, length, "camera")
     return scene, cameras
+
+
+def sample_clip(rng: np.random.Generator, length: int, motion: str) -> tuple[Scene, list[Camera], list[Scene]]:
+    """A furnished room, ``length`` camera poses and the room at each pose (objects may move): ``motion``
+    is a key of :data:`MOTIONS`. With ``"camera"`` the draws are those of :func:`sample_scene`."""
+    pace, objects_move = MOTIONS[motion]
+    scene = _sample_room(rng)
+    cameras = _sample_path(rng, scene.size, length, pace)
+    _furnish(scene, rng, _Floor(scene.size, cameras))
+    scenes = _move_objects(scene, rng, length) if objects_move else [scene] * length
+    return scene, cameras, scenes
+
+
+_MOVABLE = frozenset(_CLS[name] for name in ("chair", "box", "stool", "ball"))
+
+
+def _on_floor(primitive: Primitive) -> bool:
+    if isinstance(primitive, Cylinder):
+        return primitive.bottom < 0.01
+    half = primitive.half[1] if isinstance(primitive, Box) else primitive.radius
+    return bool(primitive.centre[1] - half < 0.01)
+
+
+def _shifted(primitive: Primitive, offset: np.ndarray) -> Primitive:
+    """``primitive`` moved by ``offset`` (x, z) on the floor."""
+    if isinstance(primitive, Cylinder):
+        return replace(primitive, x=primitive.x + offset[0], z=primitive.z + offset[1])
+    return replace(primitive, centre=primitive.centre + np.array([offset[0], 0.0, offset[1]]))
+
+
+def _move_objects(scene: Scene, rng: np.random.Generator, length: int) -> list[Scene]:
+    """The room at each of ``length`` frames with two to four objects standing on the floor (chairs, boxes,
+    stools, balls) sliding on it, 3-8 cm per frame, each its own way (collisions are ignored)."""
+    standing = {p.instance for p in scene.primitives if _on_floor(p)}  # not what lies on a table
+    movable = [inst for inst, cls in enumerate(scene.classes) if cls in _MOVABLE and inst in standing]
+    chosen = rng.permutation(movable)[: int(rng.integers(2, 5))] if movable else []
+    velocity = {}
+    for inst in chosen:
+        angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0.03, 0.08)
+        velocity[int(inst)] = speed * np.array([np.cos(angle), np.sin(angle)])
+    return [
+        replace(scene, primitives=[_shifted(p, velocity[p.instance] * step) if p.instance in velocity else p
+                                   for p in scene.primitives])
+        for step in range(length)
+    ]

@@ -2,23 +2,31 @@
 the weights of one ViT encoder.
 
 The base task (``sharing.base_task``, semseg) has a plain ViT encoder (:mod:`densemtl.models.vit_blocks`)
-and a dense decoder. Every other task (a *sub-task*) uses, for every encoder linear,
-``W_sub = W_base + z * dW`` (the bias too), ``z`` a hard-concrete gate per element
-(:mod:`densemtl.models.hard_concrete`), and has its own decoder. LayerNorms and the position embedding are
-the base model's. Training phases (``phase`` buffer, saved in checkpoints; the order and step counts are
-in :mod:`densemtl.models.sharing.architecture`):
+and a dense decoder. Every other task (a *sub-task*) uses, for every gated encoder tensor ``T`` (with
+``sharing.gated: all``, as the released code: patch embedding, position embedding, every LayerNorm, qkv,
+projection, fc1 and fc2, weights and biases; with ``linears``, the linears' weights and biases),
+``T_sub = T_base + z * z_T * dT``: ``z`` a hard-concrete gate per element and ``z_T`` one per tensor
+(``sharing.tensor_gates``; :mod:`densemtl.models.hard_concrete`), and has its own decoder. The final
+LayerNorm is the base model's. Training phases (``phase`` buffer, saved in checkpoints; the order and step
+counts are in :mod:`densemtl.models.sharing.architecture`):
 
-0. ``base``: the base encoder and decoder, base task loss only;
-1. ``delta``: base frozen; deltas, gates and sub-task decoders, + ``l0_weight * E[L0]``;
+0. ``base``: the base encoder and decoder, base task loss only (``base_temporal``, an optional second base
+   phase, adds the temporal term below);
+1. ``delta``: base frozen; deltas, gates and sub-task decoders, + ``sum_t l0_weight[t] * E[L0_t]`` (the
+   expected number of non-zero gates, a sum as in the released code);
 2. ``finetune``: each gate frozen to the mask of its test-time non-zeros (the gate value folded into
-   ``dW``); only the unmasked entries of ``dW`` (and the decoders) can change;
-3. ``activation``: as 2, + ``activation_weight * sum_l mean |A_l^sub - A_l^base|`` over every block's qkv,
-   attention projection and MLP (fc1, fc2) outputs, the base model frozen (the mean rather than the sum
-   of the L1 norm keeps the weight independent of the image size).
+   ``dT``); only the unmasked entries of ``dT`` (and the decoders) can change;
+3. ``activation``: as 2, + ``sum_t activation_weight[t] * sum_l r(|A_l^t - A_l^base|)`` over every block's
+   ``activation_layers`` outputs (default as the code: norm1, qkv, proj, fc1, GELU, fc2), the base model
+   frozen; ``r`` is the mean (``activation_reduction: mean``, resolution-independent weights) or the sum
+   (``sum``, the code's form).
 
-``temporal_weight > 0`` adds, in every phase, ``mean |A_l(x) - A_l(x')|`` of the trained encoders between an
-image and a copy shifted by up to ``temporal_shift`` pixels (a pseudo next frame of a moving camera).
-The deployed, token-skipping form is :class:`densemtl.models.sharing.inference.SharedInference`.
+The temporal term ``temporal_weight * sum_l r(|A_l(x_t) - sg(A_l(x_n))|)`` compares the trained encoders'
+activations on a training frame and on a neighbouring frame ``x_n`` (the batch's ``neighbour``, augmented
+as the frame; ``sg``: no gradient, as the code) in the ``base_temporal`` and ``activation`` phases; with
+``temporal_source: shift`` ``x_n`` is the frame shifted by up to ``temporal_shift`` pixels. The forward pass
+records the activations (``output["activations"]``), :func:`temporal_hook` adds the term.
+The deployed form is :class:`densemtl.models.sharing.inference.SharedInference`.
 """
 
 from __future__ import annotations
@@ -47,30 +55,61 @@ VIT_ARGS = {
 
 
 class GatedDelta(nn.Module):
-    """``dW`` of one linear (``out x (in + 1)``, the last column the bias delta), gated per element."""
+    """``dT`` of one encoder tensor, gated per element and (``tensor_gate``) by one scalar gate."""
 
-    def __init__(self, out_features: int, in_features: int, gate_init: float, gate_scale: float) -> None:
+    def __init__(self, shape: tuple[int, ...], sharing: SharingConfig) -> None:
         super().__init__()
-        self.delta = nn.Parameter(torch.zeros(out_features, in_features + 1))
-        self.gate = HardConcreteGate((out_features, in_features + 1), gate_init, gate_scale)
+        options = (sharing.gate_init, sharing.gate_scale, sharing.gate_temperature)
+        self.delta = nn.Parameter(torch.zeros(shape))
+        self.gate = HardConcreteGate(shape, *options)
+        self.tensor_gate = HardConcreteGate((), *options) if sharing.tensor_gates else None
 
-    def apply(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gated = self.gate() * self.delta
-        return weight + gated[:, :-1], bias + gated[:, -1]
+    def gates(self) -> list[HardConcreteGate]:
+        return [self.gate] if self.tensor_gate is None else [self.gate, self.tensor_gate]
+
+    def apply(self, base: torch.Tensor) -> torch.Tensor:
+        """``base + z * z_T * dT`` (sampled gates in training mode)."""
+        value = self.gate()
+        if self.tensor_gate is not None:
+            value = value * self.tensor_gate()
+        return base + value * self.delta
+
+    def _deterministic(self) -> torch.Tensor:
+        value = self.gate.deterministic()
+        return value if self.tensor_gate is None else value * self.tensor_gate.deterministic()
 
     def effective(self) -> torch.Tensor:
         """The deterministic (test-time) gated delta, detached."""
-        return (self.gate.deterministic() * self.delta).detach()
+        return (self._deterministic() * self.delta).detach()
+
+    def expected_l0(self) -> torch.Tensor:
+        """Expected number of open gates, the per-tensor gate counted once (as the released code does)."""
+        return sum((gate.expected_l0() for gate in self.gates()), torch.zeros(()))
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Fix the mask; fold the gate values into ``dW`` so masked-out entries are exactly 0."""
+        """Fix the masks; fold the gate values into ``dT`` so masked-out entries are exactly 0."""
         if not bool(self.gate.frozen):
-            self.delta.mul_(self.gate.freeze())
+            values = self._deterministic()
+            for gate in self.gates():
+                gate.freeze()
+            self.delta.mul_(values)
 
 
 def _key(name: str) -> str:
     return name.replace(".", "_")
+
+
+def _per_task(sharing: SharingConfig, key: str, sub_tasks: list[str]) -> dict[str, float]:
+    """``sharing.<key>`` (one number, or one per sub-task) as ``{sub-task: weight}``."""
+    value = getattr(sharing, key)
+    if not isinstance(value, dict):
+        return dict.fromkeys(sub_tasks, float(value))
+    if set(value) != set(sub_tasks):
+        raise ConfigError(
+            f"key 'sharing.{key}': expected one weight per sub-task ({', '.join(sub_tasks)}), got {', '.join(value)}"
+        )
+    return {task: float(value[task]) for task in sub_tasks}
 
 
 class SharingModel(nn.Module):
@@ -97,18 +136,22 @@ class SharingModel(nn.Module):
         self.base_task = sharing.base_task
         self.sub_tasks = [name for name in tasks if name != sharing.base_task]
         self.sharing = sharing
+        self.l0_weights = _per_task(sharing, "l0_weight", self.sub_tasks)
+        self.activation_weights = _per_task(sharing, "activation_weight", self.sub_tasks)
         dim, patch = args["hidden_size"], args["patch_size"]
         self.encoder = ViTEncoder(
             dim, args["num_hidden_layers"], args["num_attention_heads"], args["intermediate_size"], patch, image_size
         )
         self.encoder.checkpointing = model_config.gradient_checkpointing
+        base = self.encoder.weights()
+        if sharing.gated == "all":
+            self.gated_names = list(base)
+        else:
+            self.gated_names = [f"{lin}.{kind}" for lin in self.encoder.linear_names for kind in ("weight", "bias")]
         self.deltas = nn.ModuleDict(
             {
                 task: nn.ModuleDict(
-                    {
-                        _key(name): GatedDelta(lin.out_features, lin.in_features, sharing.gate_init, sharing.gate_scale)
-                        for name, lin in self.encoder.named_linears()
-                    }
+                    {_key(name): GatedDelta(tuple(base[name].shape), sharing) for name in self.gated_names}
                 )
                 for task in self.sub_tasks
             }
@@ -119,14 +162,19 @@ class SharingModel(nn.Module):
         )
         self.feature_channels = {name: channels for name in tasks}
         self.register_buffer("phase", torch.tensor(0))
+        self.temporal_training = False
         self.set_phase(0)
 
     # ------------------------------------------------------------------ phases
-    def set_phase(self, phase: int) -> None:
-        """Switch training phase: which parameters train, and (from phase 2 on) freeze the gates."""
+    def set_phase(self, phase: int, temporal: bool = False) -> None:
+        """Switch training phase: which parameters train, and (from phase 2 on) freeze the gates.
+
+        ``temporal``: the phase adds the temporal term (when ``sharing.temporal_weight`` > 0).
+        """
         if not 0 <= phase < len(PHASES):
             raise ValueError(f"phase must be in 0..{len(PHASES) - 1}, got {phase}")
         self.phase.fill_(phase)
+        self.temporal_training = temporal and self.sharing.temporal_weight > 0
         if phase >= 2:
             for deltas in self.deltas.values():
                 for delta in deltas.values():
@@ -138,7 +186,8 @@ class SharingModel(nn.Module):
                 param.requires_grad_(phase >= 1)
             for delta in self.deltas[task].values():
                 delta.delta.requires_grad_(phase >= 1)
-                delta.gate.raw.requires_grad_(phase == 1)
+                for gate in delta.gates():
+                    gate.raw.requires_grad_(phase == 1)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> SharingModel:
@@ -157,67 +206,113 @@ class SharingModel(nn.Module):
         """The tasks whose losses train the current phase."""
         return self.phase_tasks(int(self.phase))
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter groups clipped apart: one per sub-task in the sub-task phases (they are separate runs
+        in the released code, so no task's gradient may shrink another's step), else everything."""
+        if int(self.phase) == 0:
+            return [[p for p in self.parameters() if p.requires_grad]]
+        return [
+            [p for p in (*self.deltas[task].parameters(), *self.decoders[task].parameters()) if p.requires_grad]
+            for task in self.sub_tasks
+        ]
+
     # ------------------------------------------------------------------ weights
     def task_weights(self, task: str) -> Weights:
-        """Every encoder linear's (weight, bias) for ``task`` (sampled gates in training mode)."""
+        """Every encoder tensor for ``task`` (sampled gates in training mode)."""
         base = self.encoder.weights()
         if task == self.base_task:
             return base
         deltas = self.deltas[task]
-        return {name: deltas[_key(name)].apply(*base[name]) for name in self.encoder.linear_names}
+        return {**base, **{name: deltas[_key(name)].apply(base[name]) for name in self.gated_names}}
 
     def effective_deltas(self, task: str) -> dict[str, torch.Tensor]:
-        """The test-time ``dW`` (with the bias column) of every linear of a sub-task."""
-        return {name: self.deltas[task][_key(name)].effective() for name in self.encoder.linear_names}
+        """The test-time ``dT`` of every gated tensor of a sub-task."""
+        return {name: self.deltas[task][_key(name)].effective() for name in self.gated_names}
 
-    def expected_l0(self) -> torch.Tensor:
-        return sum(
-            (delta.gate.expected_l0() for deltas in self.deltas.values() for delta in deltas.values()),
-            torch.zeros((), device=self.phase.device),
-        )
+    def expected_l0(self, task: str) -> torch.Tensor:
+        start = torch.zeros((), device=self.phase.device)
+        return sum((delta.expected_l0() for delta in self.deltas[task].values()), start)
 
     # ------------------------------------------------------------------ training forward
     def encode(self, image: torch.Tensor, task: str, record: bool = False) -> tuple[torch.Tensor, Any, DenseExecutor]:
-        executor = DenseExecutor(self.task_weights(task), record=record)
+        """Run ``task``'s encoder; ``record`` keeps the ``activation_layers`` outputs."""
+        executor = DenseExecutor(self.task_weights(task), record=self.sharing.activation_layers if record else ())
         tokens, grid = self.encoder(image, executor)
         return tokens, grid, executor
+
+    def activation_distance(self, ours: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``sum_l r(|A_l - B_l|)`` over the recorded layers, ``r`` the ``activation_reduction``."""
+        reduce = torch.sum if self.sharing.activation_reduction == "sum" else torch.mean
+        return sum((reduce((ours[name] - other[name]).abs()) for name in ours), torch.zeros(()))
 
     def forward(self, image: torch.Tensor) -> ModelOutput:
         size = tuple(image.shape[-2:])
         phase = int(self.phase)
-        sharing_loss = self.training and phase >= 3 and self.sharing.activation_weight > 0
-        pred, features, extra = {}, {}, {}
-        with torch.set_grad_enabled(torch.is_grad_enabled() and phase == 0):
-            tokens, grid, base_run = self.encode(image, self.base_task, record=sharing_loss)
-            pred[self.base_task], features[self.base_task] = self.decoders[self.base_task](tokens, grid, size)
-        if not self.training or phase >= 1:
+        training = self.training
+        sharing_loss = training and phase >= 3 and any(w > 0 for w in self.activation_weights.values())
+        temporal = set(self.trained_tasks()) if training and self.temporal_training else set()
+        pred, features, extra, recorded = {}, {}, {}, {}
+        if not training or phase == 0 or sharing_loss:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and phase == 0):
+                record = sharing_loss or self.base_task in temporal
+                tokens, grid, base_run = self.encode(image, self.base_task, record=record)
+                if not training or phase == 0:
+                    pred[self.base_task], features[self.base_task] = self.decoders[self.base_task](tokens, grid, size)
+            if self.base_task in temporal:
+                recorded[self.base_task] = base_run.activations
+        if not training or phase >= 1:
             activation = image.new_zeros(())
             for task in self.sub_tasks:
-                tokens, grid, run = self.encode(image, task, record=sharing_loss)
+                tokens, grid, run = self.encode(image, task, record=sharing_loss or task in temporal)
                 pred[task], features[task] = self.decoders[task](tokens, grid, size)
                 if sharing_loss:
-                    activation = activation + sum(
-                        (run.activations[n] - base_run.activations[n]).abs().mean() for n in run.activations
-                    )
+                    distance = self.activation_distance(run.activations, base_run.activations)
+                    activation = activation + self.activation_weights[task] * distance
+                if task in temporal:
+                    recorded[task] = run.activations
             if sharing_loss:
-                extra["activation"] = self.sharing.activation_weight * activation
-        if self.training and phase == 1 and self.sharing.l0_weight > 0:
-            extra["l0"] = self.sharing.l0_weight * self.expected_l0()
-        if self.training and self.sharing.temporal_weight > 0:
-            extra["temporal"] = self.sharing.temporal_weight * self.temporal_loss(image)
-        return {"pred": {t: pred[t] for t in self.tasks if t in pred}, "features": features, "extra_losses": extra}
+                extra["activation"] = activation
+        if training and phase == 1 and any(w > 0 for w in self.l0_weights.values()):
+            extra["l0"] = sum((w * self.expected_l0(t) for t, w in self.l0_weights.items()), image.new_zeros(()))
+        output: ModelOutput = {"pred": {t: pred[t] for t in self.tasks if t in pred}, "features": features,
+                               "extra_losses": extra}
+        if recorded:
+            output["activations"] = recorded
+        return output
 
-    def temporal_loss(self, image: torch.Tensor) -> torch.Tensor:
-        """Mean L1 between the trained encoders' activations on ``image`` and on a shifted copy of it."""
-        shift = self.sharing.temporal_shift
-        dy, dx = (int(v) for v in torch.randint(-shift, shift + 1, (2,)))
-        moved = torch.roll(image, shifts=(dy, dx), dims=(-2, -1))
-        total = image.new_zeros(())
-        for task in self.trained_tasks():
-            _, _, now = self.encode(image, task, record=True)
-            _, _, then = self.encode(moved, task, record=True)
-            total = total + sum((now.activations[n] - then.activations[n]).abs().mean() for n in now.activations)
-        return total
+    def temporal_loss(self, output: ModelOutput, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"temporal": weighted term}`` between the recorded activations of the batch's frames and those of
+        their neighbours (computed here without gradient); ``{}`` when the forward recorded nothing."""
+        recorded = output.get("activations") or {}
+        if not recorded:
+            return {}
+        other = self._neighbour(batch)
+        total = other.new_zeros(())
+        with torch.no_grad():
+            targets = {task: self.encode(other, task, record=True)[2].activations for task in recorded}
+        for task, activations in recorded.items():
+            total = total + self.activation_distance(activations, targets[task])
+        return {"temporal": self.sharing.temporal_weight * total}
+
+    def _neighbour(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The other frame of the temporal term: the batch's neighbouring frames, or a shifted copy."""
+        image = batch["image"]
+        if self.sharing.temporal_source == "shift":
+            shift = self.sharing.temporal_shift
+            dy, dx = (int(v) for v in torch.randint(-shift, shift + 1, (2,)))
+            return torch.roll(image, shifts=(dy, dx), dims=(-2, -1))
+        if "neighbour" not in batch:
+            raise ConfigError(
+                "key 'sharing.temporal_source': 'neighbour' needs training frames with a neighbouring frame "
+                "(the synthetic scenes with data.synthetic.neighbour_offsets, e.g. [-2, -1, 1]); "
+                "or set sharing.temporal_source=shift"
+            )
+        return batch["neighbour"]
+
+
+def temporal_hook(model: nn.Module, output: ModelOutput, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The trainer's loss hook of the temporal phases (``model`` may be wrapped by DDP)."""
+    return getattr(model, "module", model).temporal_loss(output, batch)
 
 
 def build_sharing_model(config: Config, info: DatasetInfo, tasks: dict[str, Task]) -> SharingModel:
