@@ -2,7 +2,8 @@
 without activation checkpointing (``model.gradient_checkpointing``).
 
 For each config of :data:`CASES` (the NYUD-v2 and PASCAL-Context multi-task configs, ViT-L at 448x576 and
-512x512, and the method configs as they ship), ``--steps`` engine training steps (:meth:`Trainer.train_step`:
+512x512; the paper-scale computation-sharing configs, ViT-B at 416x416 and 512x512, batch 50 and 16; and the
+synthetic method configs as they ship), ``--steps`` engine training steps (:meth:`Trainer.train_step`:
 data, forward, losses, backward, clipping, AdamW) of the architecture's first phase, after ``--warmup`` steps,
 on generated data at the config's resolution: every sample decodes a JPEG of the dataset's native image size,
 draws random targets for its tasks and goes through the config's own augmentation (scale, crop, flip), loaded
@@ -46,8 +47,9 @@ from densemtl.registry import ARCHITECTURES, DATASETS
 from densemtl.tasks import ClassMapTask, ProbabilityMapTask, Task, build_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ["nyud_multitask", "pascal_multitask", "synthetic_mtcp", "synthetic_sharing", "synthetic_contrastive"]
-PAPER_SCALE = {"nyud_multitask", "pascal_multitask"}  # reduced on a CPU
+CASES = ["nyud_multitask", "pascal_multitask", "nyud_sharing", "pascal_sharing", "synthetic_mtcp",
+         "synthetic_sharing", "synthetic_contrastive"]
+PAPER_SCALE = {"nyud_multitask", "pascal_multitask", "nyud_sharing", "pascal_sharing"}  # reduced on a CPU
 
 
 def random_target(task: Task, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
