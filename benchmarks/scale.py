@@ -2,7 +2,7 @@
 without activation checkpointing (``model.gradient_checkpointing``).
 
 For each config of :data:`CASES` (the NYUD-v2 and PASCAL-Context multi-task configs, ViT-L at 448x576 and
-512x512; the paper-scale computation-sharing configs, ViT-B at 416x416 and 512x512, batch 50 and 16; and the
+512x512; the paper-scale computation-sharing configs, ViT-B at 416x416 and 512x512, batch 50 and 4; and the
 synthetic method configs as they ship), ``--steps`` engine training steps (:meth:`Trainer.train_step`:
 data, forward, losses, backward, clipping, AdamW) of the architecture's first phase, after ``--warmup`` steps,
 on generated data at the config's resolution: every sample decodes a JPEG of the dataset's native image size,
