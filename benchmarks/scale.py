@@ -41,6 +41,7 @@ from densemtl.config import Config, load_config
 from densemtl.data.transforms import build_transform
 from densemtl.engine.distributed import DistInfo, synchronize
 from densemtl.engine.objective import build_objective
+from densemtl.engine.phased import phase_config
 from densemtl.engine.trainer import Trainer
 from densemtl.jsonio import write_json
 from densemtl.registry import ARCHITECTURES, DATASETS
@@ -120,8 +121,8 @@ class PeakMemory:
 
 
 def measure(config: Config, device: torch.device, steps: int, warmup: int, scratch: Path) -> dict[str, Any]:
-    """Train the first phase of ``config``'s architecture for ``warmup + steps`` steps; the figures of the last
-    ``steps``."""
+    """Train the first phase of ``config``'s architecture (set up as :mod:`densemtl.engine.phased` does) for
+    ``warmup + steps`` steps; the figures of the last ``steps``."""
     torch.manual_seed(0)
     dataset = DATASETS.lookup(config.data.dataset)
     size = tuple(config.data.crop_size or dataset.native_size(config.data))
@@ -135,10 +136,11 @@ def measure(config: Config, device: torch.device, steps: int, warmup: int, scrat
     phase_tasks = {name: tasks[name] for name in phase.tasks}
     length = (steps + warmup + 1) * config.data.batch_size * config.train.accumulate
     train_set = GeneratedScenes(config, tasks, tuple(native), length)
-    objective = build_objective(config, phase_tasks, model.feature_channels)
+    objective = build_objective(phase_config(config, phase), phase_tasks, model.feature_channels)
     memory = PeakMemory(device)
     trainer = Trainer(config, model, objective, train_set, scratch, info=info, parameters=phase.parameters(model),
-                      steps=steps + warmup, dist_info=DistInfo(), device=device)
+                      steps=steps + warmup, dist_info=DistInfo(), device=device, loss_hook=phase.loss_hook,
+                      clip_groups=phase.clip_groups(model) if phase.clip_groups else None)
     for _ in range(warmup):
         trainer.train_step()
     synchronize(device)
