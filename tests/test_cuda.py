@@ -123,13 +123,15 @@ def test_prediction_on_the_gpu_writes_the_cpu_maps(tmp_path: Path) -> None:
     np.testing.assert_allclose(depth[DEVICE], depth["cpu"], rtol=1e-3, atol=1e-3)
 
 
-def _inference_pair(threshold: float) -> tuple[SharedInference, SharedInference]:
-    return SharedInference(tiny_model(), threshold=threshold), SharedInference(tiny_model().to(DEVICE), threshold)
+def _inference_pair(threshold: float, mode: str) -> tuple[SharedInference, SharedInference]:
+    return (SharedInference(tiny_model(), threshold, mode=mode),
+            SharedInference(tiny_model().to(DEVICE), threshold, mode=mode))
 
 
+@pytest.mark.parametrize("mode", ["element", "token"])
 @pytest.mark.parametrize("threshold", [0.0, 0.15])
-def test_sharing_inference_across_tasks_on_the_gpu(threshold: float) -> None:
-    on_cpu, on_gpu = _inference_pair(threshold)
+def test_sharing_inference_across_tasks_on_the_gpu(threshold: float, mode: str) -> None:
+    on_cpu, on_gpu = _inference_pair(threshold, mode)
     image = torch.randn(2, 3, 32, 48)
     cpu, gpu = on_cpu.run(image), on_gpu.run(image.to(DEVICE))
     for task, raw in cpu.pred.items():
@@ -138,8 +140,9 @@ def test_sharing_inference_across_tasks_on_the_gpu(threshold: float) -> None:
     assert gpu.flops.keys() == cpu.flops.keys()
 
 
-def test_sharing_inference_across_frames_on_the_gpu() -> None:
-    on_cpu, on_gpu = _inference_pair(0.15)
+@pytest.mark.parametrize("mode", ["element", "token"])
+def test_sharing_inference_across_frames_on_the_gpu(mode: str) -> None:
+    on_cpu, on_gpu = _inference_pair(0.15, mode)
     base = torch.randn(1, 3, 32, 48)
     frames = [base + 0.01 * index for index in range(4)]
     cpu = [result for result, _ in run_video(on_cpu, frames, keyframe_interval=2)]
