@@ -117,6 +117,8 @@ class EvalConfig:
     saliency_thresholds: int = 19
     # saliency's metric in delta_m: maxF (the field's tables) or MTL-PyTorch's mIoU (best of its 15 thresholds)
     delta_m_saliency: Literal["maxF", "mIoU"] = "maxF"
+    # single-task baselines (run directories or result files): training and `evaluate` then report Delta-m
+    baselines: list[str] = field(default_factory=list)
 
 
 @dataclass

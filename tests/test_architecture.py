@@ -128,8 +128,8 @@ def test_a_registered_architecture_trains_in_its_phases_and_is_deployed(
     assert "toy deployment saw 2 images" in capsys.readouterr().out  # the deployed form reports its cost
     assert json.loads((tmp_path / "e.json").read_text())["evaluation"]["toy"] == {"images": 2}
     assert evaluated == results
-    with pytest.raises(UserError, match="model.arch 'toy'"):  # deployed without reuse across frames
-        predict_video(checkpoint, tmp_path / "frames", tmp_path / "video")
+    with pytest.raises(UserError, match="model.arch 'toy' runs frame by frame"):  # no reuse to set a threshold of
+        predict_video(checkpoint, tmp_path / "frames", tmp_path / "video", threshold=0.1)
 
 
 def test_build_model_goes_through_the_table(tmp_path: Path, toy_architecture: str) -> None:

@@ -79,3 +79,39 @@ def test_bench_single_task_models_share_nothing(tmp_path) -> None:
     assert result["gflops"]["shared"] == approx(0.0)
     assert result["parameters"]["shared"] == 0
     assert result["gflops"]["tasks"]["semseg"] > result["gflops"]["backbone"] / 2 > 0
+
+
+def test_bench_needs_no_data_to_build_a_model(tmp_path) -> None:
+    """A NYUD-v2 config without data.root: the model is built from the dataset's facts alone."""
+    config = load_config(None, [*TINY, "data.dataset=nyud", "data.tasks=[semseg,normals]", "data.crop_size=[32,40]"])
+    assert config.data.root is None
+    assert run_bench(config, tmp_path / "b.json", 1)["input_size"] == [32, 40]
+
+
+def test_bench_checkpoint_measures_the_deployed_sharing_model(tmp_path, capsys) -> None:
+    """bench --checkpoint counts what the sparse deployed form runs: evaluate's figure on the same images, below
+    the dense sub-task networks (threshold 0); the cost table comes before any timing."""
+    from densemtl.cli import main
+    from densemtl.config import to_dict
+    from densemtl.data.synthetic import synthetic_info
+    from densemtl.engine.checkpoint import info_to_dict, save_checkpoint
+    from densemtl.engine.evaluate import evaluate_checkpoint
+    from tests.conftest import TINY as SHARING
+    from tests.conftest import tiny_model
+
+    data = [f"data.synthetic.cache_dir={tmp_path / 'cache'}", "data.synthetic.num_val=3", "data.eval_batch_size=1"]
+    config = load_config(None, SHARING + data)
+    checkpoint = save_checkpoint(tmp_path / "model.pt", {
+        "config": to_dict(config), "info": info_to_dict(synthetic_info()), "model": tiny_model().state_dict()})
+    assert main(["bench", "--checkpoint", str(checkpoint), "--images", "3", "--repeats", "1",
+                 "--out", str(tmp_path / "bench.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.index("GFLOPs per image as the deployed form (sharing) counted them") < out.index("latency")
+    sparse = json.loads((tmp_path / "bench.json").read_text())["gflops"]["total"]
+    evaluate_checkpoint(checkpoint, out=tmp_path / "e.json", tasks=["depth"])
+    counted = json.loads((tmp_path / "e.json").read_text())["evaluation"]["sharing"]["gflops_per_image"]
+    assert sparse == pytest.approx(counted, rel=1e-9)
+    dense = run_bench(None, tmp_path / "d.json", 1, checkpoint=checkpoint, overrides=["sharing.threshold=0"], images=3)
+    assert 0 < sparse < dense["gflops"]["total"]
+    assert main(["bench", "configs/synthetic.yaml", "--checkpoint", str(checkpoint)]) == 2
+    assert "bench takes a CONFIG or --checkpoint, not both" in capsys.readouterr().err

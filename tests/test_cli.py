@@ -52,6 +52,28 @@ def test_overrides_may_follow_options(tmp_path, monkeypatch):
     assert seen == {"lr": 0.25, "out": str(tmp_path / "run"), "resume": True}
 
 
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["data", "check", "{tmp}", "stray"], "unrecognized arguments: stray"),
+        (["data", "check", "{tmp}", "data.root=x"], "'data check' reads no key=value settings: data.root=x"),
+        (["evaluate", "--predictions", "{tmp}", "--dataset", "synthetic", "eval.edge_protocol=invpt"],
+         "evaluate --predictions reads key=value settings only with --data: eval.edge_protocol=invpt"),
+        (["predict", "--checkpoint", "c.pt", "{tmp}", "{tmp}", "--out", "{tmp}/o", "--video"],
+         "predict --video takes one folder of frames, got 2"),
+        (["bench", "{config}", "stray"], "override 'stray': expected key=value"),
+    ],
+)
+def test_stray_arguments_are_named(tmp_path, capsys, argv, needle):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  steps: 1\n")
+    try:
+        code = main([arg.format(config=config, tmp=tmp_path) for arg in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2 and needle in capsys.readouterr().err
+
+
 def test_unknown_option_is_refused(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "c.yaml", "--fast"])

@@ -30,6 +30,7 @@ from densemtl.errors import DataError, UserError
 from densemtl.metrics.delta_m import load_results
 from densemtl.models import build_model
 from densemtl.tasks import build_tasks
+from tests.conftest import tiny_config
 from tests.dataset_fixtures import NYUD_LAYOUTS, write_nyud, write_pascal
 
 TASKS = ["semseg", "depth", "normals", "edge"]
@@ -304,3 +305,32 @@ def test_command_line_chooses_the_edge_protocol_and_workers(tmp_path: Path, caps
     capsys.readouterr()
     assert main([*common, "--workers", "0"]) == 2
     assert capsys.readouterr().err.strip() == "densemtl: error: --workers must be at least 1, got 0"
+
+
+def test_checkpoint_evaluation_uses_the_full_protocol_and_chosen_tasks(tmp_path: Path, capsys) -> None:
+    """Training's quicker 5 thresholds are not evaluate's: it scores the protocol's 99 unless told; --tasks."""
+    config = tiny_config(tmp_path, "data.tasks=[semseg,edge]", "eval.boundary_thresholds=5", "data.synthetic.num_val=2")
+    dataset = build_dataset(config.data, "val", train=False)
+    tasks = build_tasks(config.data.tasks, dataset.info)
+    torch.manual_seed(0)
+    model = build_model(config, dataset.info, tasks)
+    run = tmp_path / "run"
+    checkpoint = save_checkpoint(run / "checkpoints" / "best.pt", {
+        "config": to_dict(config), "info": info_to_dict(dataset.info), "model": model.state_dict(), "ema": None,
+    })
+    assert main(["evaluate", "--checkpoint", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    assert header.startswith(f"evaluating {checkpoint} on synthetic split 'val' (32x48); edge: edge_protocol "
+                             "seism-hed, thresholds 99, matcher exact, max_dist ")
+    assert out.strip().endswith(f"figures written to {run / 'evaluation_val.json'}")
+    written = json.loads((run / "evaluation_val.json").read_text())
+    assert written["protocol"]["metrics"]["edge"]["thresholds"] == 99 and set(written["results"]) == {"semseg", "edge"}
+    quick = tmp_path / "quick.json"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--tasks", "edge", "eval.boundary_thresholds=5",
+                 "--out", str(quick)]) == 0
+    written = json.loads(quick.read_text())
+    assert written["protocol"]["metrics"]["edge"]["thresholds"] == 5 and set(written["results"]) == {"edge"}
+    assert written["results"]["edge"] == pytest.approx(evaluate_model(model, dataset, tasks, config)["edge"])
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--tasks", "depth"]) == 2
+    assert "the model has no task 'depth' (its tasks: semseg, edge)" in capsys.readouterr().err

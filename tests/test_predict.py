@@ -102,6 +102,22 @@ def test_bad_inputs_are_named(trained: tuple[Path, Path, list[Path]], tmp_path: 
         predict_images(checkpoint, [images[0], twin], tmp_path / "out", device="cpu")
     with pytest.raises(UserError, match="nothing.pt: checkpoint not found"):
         predict_images(tmp_path / "nothing.pt", images, tmp_path / "out", device="cpu")
+    with pytest.raises(DataError, match="a folder, not an image \\(add --video to predict its frames in order\\)"):
+        predict_images(checkpoint, [tmp_path], tmp_path / "out", device="cpu")
+
+
+def test_cli_predict_says_what_it_wrote_and_refuses_stray_settings(trained, tmp_path: Path, capsys) -> None:
+    checkpoint, _, images = trained
+    assert main(["predict", "--checkpoint", str(checkpoint), str(images[0]), "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == (f"predictions of 1 image(s) written to {tmp_path / 'out'} "
+                         "(semseg, depth, normals, edge, saliency, panels)")
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "--checkpoint", str(checkpoint), str(images[0]), "sharing.keyframe_interval=2",
+              "--out", str(tmp_path / "o2")])
+    assert info.value.code == 2
+    assert "'predict' reads no key=value settings: sharing.keyframe_interval=2" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
 
 
 def test_exif_orientation_is_honoured(trained: tuple[Path, Path, list[Path]], tmp_path: Path) -> None:

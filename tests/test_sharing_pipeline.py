@@ -81,7 +81,8 @@ def test_evaluate_checkpoint_scores_both_inference_modes(tmp_path: Path, capsys)
         for tau in (0.0, 1e9):
             capsys.readouterr()
             results[tau] = evaluate_checkpoint(
-                checkpoint, overrides=[f"sharing.threshold={tau}", f"sharing.inference={mode}"], out=tmp_path / "e.json"
+                checkpoint, out=tmp_path / "e.json",  # eval.boundary_thresholds: those of `dense`
+                overrides=[f"sharing.threshold={tau}", f"sharing.inference={mode}", "eval.boundary_thresholds=5"],
             )
             assert f"computation sharing ({mode} mode) at threshold {tau}" in capsys.readouterr().out
             gflops[tau] = json.loads((tmp_path / "e.json").read_text())["evaluation"]["sharing"]["gflops_per_image"]

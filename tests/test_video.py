@@ -121,3 +121,65 @@ def test_single_image_result_cannot_seed_a_video(tmp_path: Path) -> None:
     torch.testing.assert_close(single.pred["depth"], inference.run(frames[0]).pred["depth"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="for_video"):
         inference.run(frames[1], single, keyframe=False)
+
+
+def test_cli_video_options_panels_and_animation(tmp_path: Path, capsys) -> None:
+    from densemtl.cli import main
+
+    write_frames(tmp_path / "frames", 3)
+    checkpoint = save_tiny_checkpoint(tmp_path / "model.pt")
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "frames"), "--out", str(out), "--video",
+                 "--keyframe-interval", "2", "--threshold", "0", "--temporal-threshold", "0"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"wrote {out}: predictions, panels/, video.gif, video_report.json")
+    report = json.loads((out / "video_report.json").read_text())
+    assert [r["keyframe"] for r in report["per_frame"]] == [True, False, True]
+    assert (report["threshold"], report["temporal_threshold"], report["mode"]) == (0.0, 0.0, "reuse")
+    model = tiny_model()
+    dense = SharedInference(model, threshold=0.0)
+    for index, image in enumerate(images(sorted((tmp_path / "frames").iterdir()))):
+        saved = np.load(out / "depth" / f"frame{index:03d}.npy")
+        np.testing.assert_allclose(saved, dense.dense(image).pred["depth"][0, 0].numpy(), rtol=1e-4, atol=1e-4)
+    panel = np.array(Image.open(out / "panels" / "frame001.png"))
+    assert panel.shape == (32, 48 * 4, 3)  # the frame, then semseg, depth, edge
+    with Image.open(out / "video.gif") as animation:
+        assert animation.n_frames == 3 and animation.size == (48 * 4, 32)
+    for option, value, key in [("--keyframe-interval", "0", "sharing.keyframe_interval"),
+                               ("--threshold", "nan", "sharing.threshold"),
+                               ("--temporal-threshold", "-1", "sharing.temporal_threshold")]:
+        assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "frames"), "--out",
+                     str(tmp_path / "bad"), "--video", option, value]) == 2
+        assert key in capsys.readouterr().err
+
+
+def test_any_model_runs_a_video_frame_by_frame(tmp_path: Path, capsys) -> None:
+    """A multitask checkpoint on `data synth --clips` output: each frame as predict would do it alone."""
+    from densemtl.cli import main
+    from densemtl.data.synthetic.dataset import load_split
+    from densemtl.engine.predict import predict_images
+    from tests.conftest import make_trainer, tiny_config
+
+    config = tiny_config(tmp_path, "train.steps=1", "data.tasks=[semseg,depth]", "data.synthetic.num_clips=1",
+                         "data.synthetic.clip_length=3")
+    make_trainer(config).fit()
+    checkpoint = Path(config.out_dir) / "checkpoints" / "last.pt"
+    synthetic = [f"data.synthetic.{key}={value}" for key, value in to_dict(config.data.synthetic).items()]
+    assert main(["data", "synth", "--out", str(tmp_path / "synth"), "--clips", *synthetic]) == 0
+    clip = tmp_path / "synth" / "clips" / "clip000"
+    frames = sorted(clip.iterdir())
+    assert [path.name for path in frames] == ["0000.png", "0001.png", "0002.png"]
+    assert np.array_equal(np.array(Image.open(frames[1])), load_split(config.data.synthetic, "clips")["image"][1])
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), str(clip), "--out", str(tmp_path / "video"),
+                 "--video"]) == 0
+    report = json.loads((tmp_path / "video" / "video_report.json").read_text())
+    assert report["mode"] == "frame by frame" and report["frames"] == 3 and report["gflops_per_frame"] > 0
+    predict_images(checkpoint, frames, tmp_path / "single", device="cpu")
+    for path in frames:
+        np.testing.assert_array_equal(np.load(tmp_path / "video" / "depth" / f"{path.stem}.npy"),
+                                      np.load(tmp_path / "single" / "depth" / f"{path.stem}.npy"))
+    with Image.open(tmp_path / "video" / "video.gif") as animation:
+        assert animation.n_frames == 3
+    assert main(["predict", "--checkpoint", str(checkpoint), str(clip), "--out", str(tmp_path / "v2"), "--video",
+                 "--threshold", "0.1"]) == 2
+    assert "--threshold set(s) the reuse of a computation-sharing model" in capsys.readouterr().err

@@ -11,6 +11,7 @@ Layout under ``out``::
     gt_sets/{train,val,test}.txt   one name per line
     classes.txt                class names, line i = class id i (file value i + 1)
     grid.png                   with ``grid=True``: a few frames, one column per label
+    clips/clip<i>/<frame>.png  with ``clips=True``: each video clip as a folder of consecutive frames
 """
 
 from __future__ import annotations
@@ -67,8 +68,22 @@ def label_grid(arrays: dict[str, np.ndarray], indices: list[int], gap: int = 2) 
     return np.concatenate(rows[:-1], axis=0)
 
 
-def export_synthetic(synthetic_config: SyntheticConfig, out: Path, grid: bool = False) -> Path:
-    """Write every split (rendered or read from the cache) under ``out``; returns ``out``."""
+def export_clips(synthetic_config: SyntheticConfig, out: Path) -> Path:
+    """Write the video clips as ``out/clips/clip<i>/<frame>.png``, one folder of consecutive frames per clip
+    (what ``predict --video`` takes); returns ``out/clips``."""
+    images = load_split(synthetic_config, "clips")["image"]
+    length = synthetic_config.clip_length
+    for clip in range(synthetic_config.num_clips):
+        folder = out / "clips" / f"clip{clip:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for frame in range(length):
+            _save_png(images[clip * length + frame], folder / f"{frame:04d}.png")
+    return out / "clips"
+
+
+def export_synthetic(synthetic_config: SyntheticConfig, out: Path, grid: bool = False, clips: bool = False) -> Path:
+    """Write every split (rendered or read from the cache) under ``out``, and the video clips with ``clips``;
+    returns ``out``."""
     try:
         for folder in _FOLDERS:
             (out / folder).mkdir(parents=True, exist_ok=True)
@@ -89,4 +104,7 @@ def export_synthetic(synthetic_config: SyntheticConfig, out: Path, grid: bool = 
     if grid and shown is not None:
         picture = label_grid(shown, list(range(min(4, len(shown["image"])))))
         Image.fromarray(picture).save(out / "grid.png", optimize=True)
+    if clips:
+        export_clips(synthetic_config, out)
+    print(f"synthetic dataset written to {out} (NYUD-v2 layout{', clips/' if clips else ''})")
     return out

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from densemtl.atomic import atomic_write
-from densemtl.config import Config
+from densemtl.config import Config, from_dict, merge_dicts, parse_overrides, read_yaml
 from densemtl.dataset_info import DatasetInfo
 from densemtl.errors import UserError
 from densemtl.tasks import Task
@@ -234,7 +234,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
 
     The EMA weights are the ones training validated, so they are the ones to predict with.
     """
-    from densemtl.config import from_dict
 
     state = load_checkpoint(path)
     config = from_dict(state["config"], source=f"{path} (saved config)")
@@ -261,3 +260,18 @@ def model_from_state(
     except RuntimeError as err:
         raise UserError(f"{path}: weights do not fit the config's model ({str(err).splitlines()[0]})") from None
     return LoadedModel(model.to(device).eval(), tasks, config, info, int(state.get("step", 0)))
+
+
+def checkpoint_config(state: dict[str, Any], data_config: str | Path | None, overrides: list[str] | None) -> Config:
+    """The checkpoint's config for evaluation: the full boundary protocol (its own thresholds, not a quicker
+    count training may have used), the data section replaced by ``data_config``'s, then ``overrides``."""
+    data = dict(state["config"])
+    data["eval"] = {**data.get("eval", {}), "boundary_thresholds": None}
+    source = "checkpoint config"
+    if data_config is not None:
+        data["data"] = read_yaml(data_config).get("data", {})
+        source += f" + data of {data_config}"
+    if overrides:
+        data = merge_dicts(data, parse_overrides(overrides))
+        source += " + overrides"
+    return from_dict(data, source)

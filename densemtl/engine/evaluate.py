@@ -26,17 +26,13 @@ from densemtl.config import (
     DataConfig,
     EvalConfig,
     SyntheticConfig,
-    from_dict,
-    merge_dicts,
-    parse_overrides,
-    read_yaml,
     to_dict,
 )
 from densemtl.data.base import collate, loader_options
 from densemtl.data.transforms import pad_to
 from densemtl.dataset_info import DatasetInfo
 from densemtl.engine import distributed
-from densemtl.engine.results import format_results
+from densemtl.engine.results import format_results, protocol_record
 from densemtl.errors import DataError, UserError
 from densemtl.jsonio import write_json
 from densemtl.metrics.delta_m import Results
@@ -162,17 +158,33 @@ def evaluate_model(
     return compute_all(metrics)
 
 
-def _checkpoint_config(state: dict[str, Any], data_config: str | Path | None, overrides: list[str] | None) -> Config:
-    """The checkpoint's config, its data section replaced by ``data_config``'s, then ``overrides``."""
-    data = dict(state["config"])
-    source = "checkpoint config"
-    if data_config is not None:
-        data["data"] = read_yaml(data_config).get("data", {})
-        source += f" + data of {data_config}"
-    if overrides:
-        data = merge_dicts(data, parse_overrides(overrides))
-        source += " + overrides"
-    return from_dict(data, source)
+def default_evaluation_file(checkpoint: Path, split: str) -> Path:
+    """Where ``evaluate --checkpoint`` writes its figures without ``--out``: ``evaluation_<split>.json`` in the
+    run directory of a checkpoint in ``<run>/checkpoints/``, else beside the checkpoint."""
+    folder = checkpoint.parent
+    if folder.name == "checkpoints":
+        folder = folder.parent
+    return folder / f"evaluation_{split}.json"
+
+
+def _chosen_tasks(tasks: dict[str, Task], chosen: list[str] | None, checkpoint: Path) -> dict[str, Task]:
+    if not chosen:
+        return tasks
+    unknown = [name for name in chosen if name not in tasks]
+    if unknown:
+        raise UserError(f"{checkpoint}: the model has no task '{unknown[0]}' (its tasks: {', '.join(tasks)})")
+    return {name: tasks[name] for name in chosen}
+
+
+def protocol_header(protocol: dict[str, Any], source: str) -> str:
+    """One line saying what is scored and how: dataset, split, size and every metric setting."""
+    height, width = protocol["image_size"]
+    settings = "; ".join(
+        f"{task}: " + ", ".join(f"{key} {value}" for key, value in values.items())
+        for task, values in protocol["metrics"].items() if values
+    )
+    return (f"evaluating {source} on {protocol['dataset']} split '{protocol['split']}' ({height}x{width})"
+            + (f"; {settings}" if settings else ""))
 
 
 def evaluate_checkpoint(
@@ -184,27 +196,38 @@ def evaluate_checkpoint(
     out: Path | None = None,
     per_class: bool = False,
     edge_protocol: str | None = None,
+    tasks: list[str] | None = None,
 ) -> Results:
-    """Evaluate a trained checkpoint (its EMA weights when it has them) on ``split``; prints a table.
+    """Evaluate a trained checkpoint (its EMA weights when it has them) on ``split``; prints a table and writes
+    every figure to ``out`` (default: :func:`default_evaluation_file`).
 
-    The model is scored in its architecture's deployed form (a computation-sharing model: sub-tasks by
-    token-skipping inference at ``sharing.threshold``; ``sharing.threshold=0`` in ``overrides`` gives the
-    dense sub-task networks); a deployed form that counts its cost adds it to the report.
+    Boundaries are scored with the edge protocol's full threshold set unless ``overrides`` set
+    ``eval.boundary_thresholds``. ``tasks`` scores only those of the model's tasks. The model is scored in its
+    architecture's deployed form (a computation-sharing model: sub-tasks by token-skipping inference at
+    ``sharing.threshold``; ``sharing.threshold=0`` in ``overrides`` gives the dense sub-task networks); a
+    deployed form that counts its cost adds it to the report.
     """
     from densemtl.data import build_dataset
-    from densemtl.engine.checkpoint import load_checkpoint, model_from_state
+    from densemtl.engine.bench import deployed_cost
+    from densemtl.engine.checkpoint import checkpoint_config, load_checkpoint, model_from_state
+    from densemtl.engine.compare import delta_m_report, format_delta_m, read_baselines
 
     state = load_checkpoint(checkpoint)
-    config = _checkpoint_config(state, data_config, overrides)
+    config = checkpoint_config(state, data_config, overrides)
     config.eval = _eval_options(config.eval, matcher, edge_protocol)
     dist_info, device = distributed.setup(config.train.device)
-    dataset = build_dataset(config.data, split, train=False)
     loaded = model_from_state(state, config, checkpoint, device)
-    model, tasks, info = loaded.model, loaded.tasks, loaded.info
+    model, info = loaded.model, loaded.info
+    scored = _chosen_tasks(loaded.tasks, tasks, checkpoint)
+    dataset = build_dataset(replace(config.data, tasks=list(scored)), split, train=False)
+    protocol = protocol_record(config, split, list(scored))
+    baselines = read_baselines(config.eval.baselines, split)  # a bad file fails before the model runs
+    if dist_info.is_main:
+        print(protocol_header(protocol, str(checkpoint)))
     source: dict[str, Any] = {"checkpoint": str(checkpoint), "split": split}
     model = ARCHITECTURES.lookup(config.model.arch).deployed(model, config)
-    metrics = build_metrics(tasks, info, config.eval)
-    run_metrics(model, dataset, tasks, metrics, config, device)
+    metrics = build_metrics(scored, info, config.eval)
+    run_metrics(model, dataset, scored, metrics, config, device)
     results = compute_all(metrics)
     cost = model.cost_report() if isinstance(model, ReportsCost) else None
     if cost is not None:
@@ -212,7 +235,14 @@ def evaluate_checkpoint(
     if dist_info.is_main:
         if cost is not None:
             print(cost.summary)
-        report(results, metrics, tasks, config.eval, out, per_class, source)
+        records = {"config": to_dict(config), "protocol": protocol,
+                   "cost": deployed_cost(model, list(loaded.tasks), DATASETS.lookup(config.data.dataset).native_size(
+                       config.data))}
+        if baselines:
+            records["delta_m"] = delta_m_report(results, protocol, baselines, config.eval)
+            print(format_delta_m(records["delta_m"]))
+        out = out if out is not None else default_evaluation_file(checkpoint, split)
+        report(results, metrics, scored, config.eval, out, per_class, source, records)
     return results
 
 
@@ -224,8 +254,10 @@ def report(
     out: Path | None,
     per_class: bool,
     source: dict[str, Any],
+    records: dict[str, Any] | None = None,
 ) -> None:
-    """Print the table (and per-class tables on request); write the JSON of every figure to ``out``."""
+    """Print the table (and per-class tables on request); write the JSON of every figure to ``out``, with
+    ``records`` (config, protocol, cost) beside them."""
     print(format_results(results, tasks))
     class_tables = {name: metric for name, metric in metrics.items() if hasattr(metric, "per_class_iou")}
     if per_class:
@@ -243,6 +275,7 @@ def report(
             for name, metric in class_tables.items()
         },
         "evaluation": {**source, "eval": to_dict(eval_config)},
+        **(records or {}),
     }
     print(f"figures written to {write_json(payload, out)}")
 
@@ -403,5 +436,6 @@ def evaluate_predictions(
         raise DataError(f"{len(problems)} bad prediction file(s) in {pred_dir}:\n  {listing}")
     results = compute_all(metrics)
     source = {"predictions": str(pred_dir), "dataset": dataset, "root": str(root), "split": split}
-    report(results, metrics, task_objects, eval_config, out, per_class, source)
+    protocol = protocol_record(Config(data=data_config, eval=eval_config), split, names)
+    report(results, metrics, task_objects, eval_config, out, per_class, source, {"protocol": protocol})
     return results

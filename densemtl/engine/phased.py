@@ -21,10 +21,12 @@ from torch import nn
 
 from densemtl.config import Config
 from densemtl.engine.checkpoint import TRAINING_ENTRIES, load_checkpoint
+from densemtl.engine.compare import delta_m_report, format_delta_m, read_baselines
 from densemtl.engine.objective import build_objective
 from densemtl.engine.prepare import RunSetup, build_evaluator, seed_everything
-from densemtl.engine.results import format_results, write_results
+from densemtl.engine.results import format_results, protocol_record, write_results
 from densemtl.engine.trainer import Trainer
+from densemtl.errors import UserError
 from densemtl.metrics.delta_m import Results
 from densemtl.models.architecture import Architecture, Phase
 from densemtl.tasks import Task
@@ -78,7 +80,20 @@ def train_phases(config: Config, architecture: Architecture, run: RunSetup, resu
             _copy_checkpoints(trained_in, run_dir)
     if is_main:
         _print_summary(results, run.tasks, run_dir, None if several else best["step"])
+        if results and config.eval.baselines:
+            print(_delta_m_line(config, results))
     return results or {}
+
+
+def _delta_m_line(config: Config, results: Results) -> str:
+    """Delta-m of the final validation against ``eval.baselines``, or why it cannot be given (the run is done
+    by then: a baseline recorded differently is reported, not fatal)."""
+    try:
+        protocol = protocol_record(config, config.data.val_split, list(results))
+        baselines = read_baselines(config.eval.baselines, config.data.val_split)
+        return format_delta_m(delta_m_report(results, protocol, baselines, config.eval))
+    except UserError as err:
+        return f"densemtl: Delta-m not reported: {err}"
 
 
 def _print_summary(results: Results | None, tasks: dict[str, Task], run_dir: Path, best_step: int | None) -> None:

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from densemtl.config import Config, to_dict
+from densemtl.config import Config, EvalConfig, to_dict
 from densemtl.jsonio import write_json
 from densemtl.metrics.delta_m import Results, relative_change
+from densemtl.registry import DATASETS
+from densemtl.tasks import build_tasks
 
 if TYPE_CHECKING:
     from densemtl.tasks import Task
@@ -45,8 +47,26 @@ def format_results(results: Results, tasks: dict[str, Task] | None = None) -> st
     return "\n".join(["results (one row per task)", "-" * width, *rows])
 
 
+def protocol_record(config: Config, split: str, task_names: list[str], eval_config: EvalConfig | None = None
+                    ) -> dict[str, Any]:
+    """What figures depend on besides the model, as result files record it: the dataset, its image size,
+    the split and each task's metric settings (``eval_config``, default ``config.eval``).
+    ``densemtl compare`` refuses to put side by side results whose records differ."""
+    dataset = DATASETS.lookup(config.data.dataset)
+    info = dataset.dataset_info(task_names)
+    tasks = build_tasks(task_names, info)
+    eval_config = eval_config or config.eval
+    return {
+        "dataset": config.data.dataset,
+        "image_size": list(dataset.native_size(config.data)),
+        "split": split,
+        "metrics": {name: task.build_metric(info, eval_config).settings() for name, task in tasks.items()},
+    }
+
+
 def write_results(run_dir: Path, config: Config, results: Results, step: int, best: dict[str, Any]) -> Path:
-    """``results.json``: ``{"config", "results": {task: {metric: value}}, "step", "best"}``, written atomically."""
-    payload = {"config": to_dict(config), "results": results, "step": step,
-               "best": {"step": best["step"], "score": best["score"]}}
+    """``results.json``: ``{"config", "protocol", "results": {task: {metric: value}}, "step", "best"}`` of a
+    validation on ``data.val_split``, written atomically."""
+    payload = {"config": to_dict(config), "protocol": protocol_record(config, config.data.val_split, list(results)),
+               "results": results, "step": step, "best": {"step": best["step"], "score": best["score"]}}
     return write_json(payload, run_dir / "results.json")

@@ -34,6 +34,9 @@ class Metric(Protocol):
     def table(self) -> str:
         """The figures as a text table (per class where the metric has classes)."""
 
+    def settings(self) -> dict[str, object]:
+        """The evaluation choices its figures depend on (e.g. thresholds), recorded in result files."""
+
 
 def check_shapes(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, name: str) -> None:
     if tuple(pred.shape) != tuple(target.shape):
@@ -74,6 +77,11 @@ class CountMetric(ABC):
             reduced = counts.to(device) if device is not None else counts
             dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
             counts.copy_(reduced)
+
+    def settings(self) -> dict[str, object]:
+        """The choices its figures depend on beyond the data (thresholds, matcher...): result files record
+        them so that figures computed differently are never compared."""
+        return {}
 
     @abstractmethod
     def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:

@@ -130,6 +130,10 @@ class BoundaryMetric(CountMetric):
         self.add_state("per_threshold", counts)  # cntR, sumR, cntP, sumP per threshold
         self.add_state("ois", torch.zeros(4, dtype=torch.int64))  # each image's counts at its best threshold
 
+    def settings(self) -> dict[str, object]:
+        return {"edge_protocol": self.protocol.name, "thresholds": len(self.thresholds), "matcher": self.matcher,
+                "max_dist": self.max_dist}
+
     def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
         check_shapes(pred, target, "edge")
         pred = as_numpy(pred, torch.float64).reshape(-1, *pred.shape[-2:])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from densemtl.config import EvalConfig
 from densemtl.errors import DataError
@@ -35,8 +36,9 @@ def relative_change(value: float, reference: float, lower_is_better: bool) -> fl
     return -change if lower_is_better else change
 
 
-def load_results(path: str | Path) -> Results:
-    """The ``results`` mapping of one result file; a missing or malformed file is a DataError naming it."""
+def read_result_file(path: str | Path) -> dict[str, Any]:
+    """The whole JSON of one result file, its ``results`` mapping checked; a missing or malformed file is a
+    DataError naming it."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -45,7 +47,12 @@ def load_results(path: str | Path) -> Results:
     results = data.get("results") if isinstance(data, dict) else None
     if not isinstance(results, dict) or not all(isinstance(v, dict) for v in results.values()):
         raise DataError(f"{path}: expected {{\"results\": {{task: {{metric: value}}}}}}")
-    return results
+    return data
+
+
+def load_results(path: str | Path) -> Results:
+    """The ``results`` mapping of one result file (see :func:`read_result_file`)."""
+    return read_result_file(path)["results"]
 
 
 def load_baselines(paths: Iterable[str | Path]) -> Results:

@@ -47,6 +47,9 @@ class SaliencyMetric(CountMetric):
         self.add_state("iou", torch.zeros(len(IOU_THRESHOLDS), dtype=torch.float64))  # per-image IoU, summed
         self.add_state("images", torch.zeros((), dtype=torch.int64))
 
+    def settings(self) -> dict[str, object]:
+        return {"thresholds": len(self.thresholds)}
+
     def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
         check_shapes(pred, target, "saliency")
         pred = as_numpy(pred, torch.float64).reshape(pred.shape[0], -1)

@@ -82,11 +82,13 @@ class Architecture:
 @dataclass(frozen=True)
 class DeploymentCost:
     """What a deployed form's inference cost so far: ``figures`` go to evaluation records under ``key``,
-    ``summary`` is one line for the console."""
+    ``summary`` is one line for the console, ``gflops_per_image`` (when counted) is what bench and result
+    files report for it."""
 
     key: str
     figures: dict[str, Any]
     summary: str
+    gflops_per_image: float | None = None
 
 
 @runtime_checkable

@@ -432,4 +432,5 @@ class SharedInference(nn.Module):
             {"inference": self.mode, "threshold": self.threshold, "gflops_per_image": gflops},
             f"computation sharing ({self.mode} mode) at threshold {self.threshold}: {gflops:.3f} GFLOPs per image "
             "(all tasks)",
+            gflops,
         )
