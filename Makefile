@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml setup.py densemtl/metrics/_boundary_core.c
 	$(PY) -m pip install -q -e .
 	touch $(STAMP)
 
-# the test extras, and pyEdgeEval (built from source) so the BSDS-matcher tests run too
+# the test extras, pyEdgeEval (built from source) so the BSDS-matcher tests run too, and the ONNX export's
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e ".[test,bsds]"
+	$(PY) -m pip install -q -e ".[test,bsds,onnx]"
 	touch $(TEST_STAMP)
 
 install: $(STAMP)

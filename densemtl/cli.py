@@ -100,6 +100,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from densemtl.engine.export import export_model
+
+    export_model(Path(args.checkpoint), Path(args.out), args.format)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from densemtl.config import load_config
     from densemtl.engine.bench import run_bench
@@ -131,7 +138,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from densemtl.data.check import check_dataset
 
-    problems = check_dataset(Path(args.root), dataset=args.dataset, quick=args.quick)
+    problems = check_dataset(Path(args.root), dataset=args.dataset, quick=args.quick, partial=args.partial)
     return 1 if problems else 0
 
 
@@ -139,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     from densemtl.metrics.edge_protocols import EDGE_PROTOCOLS
 
     parser = argparse.ArgumentParser(
-        prog="densemtl", description="Multi-task dense scene understanding: train, evaluate, predict, bench."
+        prog="densemtl", description="Multi-task dense scene understanding: train, evaluate, predict, export, bench."
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -153,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="score a checkpoint or saved predictions")
-    evaluate.add_argument("--checkpoint", help="checkpoint file written by train")
+    evaluate.add_argument("--checkpoint", help="checkpoint file written by train, or a folder written by export")
     evaluate.add_argument(
         "--data", help="config whose data section to evaluate on (default: the checkpoint's; with --predictions "
         "--dataset synthetic, the synthetic scenes' settings)"
@@ -188,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=_cmd_compare)
 
     predict = commands.add_parser("predict", help="write predictions for images (or a video folder)")
-    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--checkpoint", required=True, help="checkpoint file, or a folder written by export")
     predict.add_argument("images", nargs="+", help="image files (or, with --video, one folder of frames)")
     predict.add_argument("--out", required=True)
     predict.add_argument("--video", action="store_true",
@@ -197,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threshold", type=float, help="--video: sub-task reuse threshold (sharing models)")
     predict.add_argument("--temporal-threshold", type=float, help="--video: frame-to-frame reuse threshold")
     predict.set_defaults(func=_cmd_predict)
+
+    export = commands.add_parser("export", help="write a checkpoint's model as a self-contained folder or ONNX graph")
+    export.add_argument("checkpoint", help="checkpoint file written by train (or a folder written by export)")
+    export.add_argument("--out", required=True, help="folder to write (new, or holding an earlier export)")
+    export.add_argument("--format", choices=["folder", "onnx"], default="folder",
+                        help="folder: config.yaml, model.safetensors, tasks.json, README.md (what densemtl.load, "
+                        "predict and evaluate read); onnx: model.onnx (needs densemtl[onnx]), tasks.json, README.md")
+    export.set_defaults(func=_cmd_export)
 
     bench = commands.add_parser("bench", help="parameters, GFLOPs, latency and throughput of a model")
     bench.add_argument("config", nargs="?", help="the config whose model to build (random weights, no data read)")
@@ -222,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("root")
     check.add_argument("--dataset", choices=list(DATASETS), default=None, help="default: detected")
     check.add_argument("--quick", action="store_true", help="open a sample of the files, not all")
+    check.add_argument("--partial", action="store_true",
+                       help="the dataset is partially labelled (data.partial_labels): report each task's coverage "
+                            "instead of its missing files")
     check.set_defaults(func=_cmd_data_check)
     return parser
 

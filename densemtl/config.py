@@ -38,6 +38,9 @@ class SyntheticConfig:
     neighbour_offsets: list[int] = field(default_factory=list)  # training frames carry a neighbour at one of these
     seed: int = 0
     cache_dir: str | None = None  # default: $DENSEMTL_CACHE or ~/.cache/densemtl
+    # {task: fraction} of training frames whose label of that task is dropped (partial labels); the same
+    # frames in every epoch and run with the same seed; validation and test frames keep all their labels
+    drop_labels: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class DataConfig:
     persistent_workers: bool = False  # keep the workers between epochs (needs num_workers > 0)
     prefetch_factor: int | None = None  # batches each worker loads ahead (needs num_workers > 0); None: torch's 2
     on_bad_sample: Literal["error", "skip"] = "error"
+    partial_labels: bool = False  # a folder dataset may lack a task's file for a sample: it trains without it
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -428,6 +432,7 @@ RANGES: dict[str, Bounds] = {
     "data.synthetic.clip_length": AT_LEAST_ONE,
     "data.synthetic.seed": NON_NEGATIVE,
     "data.synthetic.neighbour_offsets": FINITE,  # frame offsets, either sign (distinct and non-zero: checked apart)
+    "data.synthetic.drop_labels": Bounds(0, 1),  # the share of each task's labels dropped
     "data.crop_size": AT_LEAST_ONE,
     "data.scale_range": POSITIVE,
     "data.batch_size": AT_LEAST_ONE,
@@ -518,7 +523,8 @@ def validate(config: Config, source: str = "<config>") -> None:
     for registry, name in ((DATASETS, config.data.dataset), (ARCHITECTURES, config.model.arch),
                            (BALANCERS, config.loss.balancer)):
         registry.check(name, source)
-    for check in (_check_tasks, _check_ranges, _check_sizes, _check_sharing, _check_loader):
+    for check in (_check_tasks, _check_ranges, _check_sizes, _check_sharing, _check_partial_labels,
+                  _check_loader):
         check(config, fail)
 
 
@@ -576,3 +582,10 @@ def _check_sharing(config: Config, fail: _Fail) -> None:
     offsets = config.data.synthetic.neighbour_offsets
     if 0 in offsets or len(set(offsets)) != len(offsets):
         fail("data.synthetic.neighbour_offsets", f"expected distinct non-zero frame offsets, got {offsets}")
+
+
+def _check_partial_labels(config: Config, fail: _Fail) -> None:
+    """``data.synthetic.drop_labels`` names tasks of the run (its fractions are checked by :data:`RANGES`)."""
+    for name in config.data.synthetic.drop_labels:
+        if name not in config.data.tasks:
+            fail(f"data.synthetic.drop_labels.{name}", f"not a trained task ({', '.join(config.data.tasks)})")

@@ -105,5 +105,9 @@ BALANCERS = Registry("balancer", "loss.balancer", {
     "dwa": "densemtl.losses.balancers.dwa:DWABalancer",
     "lps": "densemtl.losses.balancers.lps:LPSBalancer",
     "gradnorm": "densemtl.losses.balancers.gradnorm:GradNormBalancer",
+    "pcgrad": "densemtl.losses.balancers.pcgrad:PCGradBalancer",
+    "cagrad": "densemtl.losses.balancers.cagrad:CAGradBalancer",
+    "mgda": "densemtl.losses.balancers.mgda:MGDABalancer",
+    "nashmtl": "densemtl.losses.balancers.nashmtl:NashMTLBalancer",
 })
 

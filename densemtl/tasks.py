@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -110,6 +110,8 @@ class Task:
     fill_value: ClassVar[float] = IGNORE_INDEX
     target_channels: ClassVar[int] = 1  # of a float target C x H x W (a label map is H x W)
     costly_metric: ClassVar[bool] = False  # seconds per image: validation may skip it (eval.boundary_during_training)
+    prediction: ClassVar[str] = "raw output"  # what ``predict`` gives per pixel, in its units (exported models say it)
+    file_format: ClassVar[str] = ""  # what ``save`` writes
     num_classes: int = 1
 
     @property
@@ -126,6 +128,10 @@ class Task:
 
     def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What a program using an exported model needs to read this task's outputs (its ``tasks.json`` entry)."""
+        return {"name": self.name, "channels": self.channels, "prediction": self.prediction, "file": self.file_format}
 
     @classmethod
     def delta_m_metric(cls, eval_config: EvalConfig | None) -> str:
@@ -174,6 +180,11 @@ class Task:
         return tensor
 
     @classmethod
+    def empty_target(cls, size: tuple[int, int]) -> torch.Tensor:
+        """The target of a sample without this task's label: every pixel invalid (``fill_value``)."""
+        return torch.full((cls.target_channels, *size), float(cls.fill_value))
+
+    @classmethod
     def resize_target(cls, target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """``target`` resampled to ``size`` by nearest neighbour, which keeps every value exact."""
         batched = target[None, None] if target.ndim == 2 else target[None]
@@ -203,7 +214,14 @@ class ClassMapTask(Task):
     """Per-pixel classification (cross-entropy, ignore 255)."""
 
     primary_metric: ClassVar[str] = "mIoU"
+    prediction: ClassVar[str] = "class id (int64)"
+    file_format: ClassVar[str] = "8-bit PNG of class ids"
     class_names: tuple[str, ...] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """Adds the class names (None when the dataset has none) and each class id's colour in :meth:`colorize`."""
+        names = list(self.class_names) if self.class_names else None
+        return {**super().describe(), "class_names": names, "colours": _PALETTE[: self.num_classes].tolist()}
 
     def loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if not (target != IGNORE_INDEX).any():
@@ -221,6 +239,10 @@ class ClassMapTask(Task):
         if tensor.ndim != 2:
             raise DataError(f"target '{cls.name}': expected an H x W label map, got shape {tuple(tensor.shape)}")
         return tensor.long()
+
+    @classmethod
+    def empty_target(cls, size: tuple[int, int]) -> torch.Tensor:
+        return torch.full(size, IGNORE_INDEX, dtype=torch.long)
 
     def build_metric(self, info: DatasetInfo, eval_config: EvalConfig) -> Metric:
         from densemtl.metrics.semseg import ConfusionMetric
@@ -268,6 +290,8 @@ class DepthTask(Task):
     primary_metric: ClassVar[str] = "rmse"
     lower_is_better: ClassVar[bool] = True
     fill_value: ClassVar[float] = 0.0
+    prediction: ClassVar[str] = "depth in metres (float32)"
+    file_format: ClassVar[str] = ".npy float32 array of metres"
     extensions: ClassVar[tuple[str, ...]] = (".npy", ".png")
     max_plausible: ClassVar[float] = 100.0  # metres; more suggests millimetres stored as metres
 
@@ -334,6 +358,8 @@ class NormalsTask(Task):
     primary_metric: ClassVar[str] = "mean"
     lower_is_better: ClassVar[bool] = True
     fill_value: ClassVar[float] = 0.0
+    prediction: ClassVar[str] = "unit surface normal (float32 x, y, z) in the camera frame of the training data"
+    file_format: ClassVar[str] = "RGB PNG, each component as (n + 1) / 2 * 255"
     extensions: ClassVar[tuple[str, ...]] = (".png", ".npy")
     target_channels: ClassVar[int] = 3
     unit_tolerance: ClassVar[float] = 0.1  # allowed | |n| - 1 | (8-bit PNG quantisation stays under 0.01)
@@ -426,6 +452,9 @@ def _masked_bce(raw: torch.Tensor, target: torch.Tensor, pos_weight: float | Non
 @dataclass(frozen=True)
 class ProbabilityMapTask(Task):
     """A binary map predicted as a probability (sigmoid of one logit); saved as PNG 0..255."""
+
+    prediction: ClassVar[str] = "probability in [0, 1] (float32)"
+    file_format: ClassVar[str] = "8-bit greyscale PNG, probability * 255"
 
     def predict(self, raw: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(raw.float())

@@ -96,29 +96,6 @@ def make_trainer(
     return Trainer(config, model, objective, train_set, run_dir or Path(config.out_dir), info=train_set.info, **kwargs)
 
 
-class GroupNormNet(nn.Module):
-    """A tiny model following the model contract, normalised with GroupNorm (no batch statistics)."""
-
-    def __init__(self, tasks: dict[str, Task]) -> None:
-        super().__init__()
-        self.tasks = tasks
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU())
-        self.heads = nn.ModuleDict({name: nn.Conv2d(8, task.channels, 1) for name, task in tasks.items()})
-        self.feature_channels = {name: 8 for name in tasks}
-
-    def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        feature = self.body(image)
-        pred = {name: head(feature) for name, head in self.heads.items()}
-        return {"pred": pred, "features": dict.fromkeys(self.tasks, feature)}
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def read_log(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
     lines = (run_dir / "log.jsonl").read_text().splitlines()
     return [record for record in map(json.loads, lines) if record["kind"] == kind]
@@ -159,6 +136,31 @@ def kill_when(process: subprocess.Popen, ready: Callable[[], bool], timeout: flo
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+# --- distributed runs -------------------------------------------------------------------------------
+
+
+class GroupNormNet(nn.Module):
+    """A tiny model following the model contract, normalised with GroupNorm (no batch statistics)."""
+
+    def __init__(self, tasks: dict[str, Task]) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU())
+        self.heads = nn.ModuleDict({name: nn.Conv2d(8, task.channels, 1) for name, task in tasks.items()})
+        self.feature_channels = {name: 8 for name in tasks}
+
+    def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        feature = self.body(image)
+        pred = {name: head(feature) for name, head in self.heads.items()}
+        return {"pred": pred, "features": dict.fromkeys(self.tasks, feature)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # --- backbones ------------------------------------------------------------------------------------

@@ -67,22 +67,30 @@ def test_evaluation_does_not_depend_on_training() -> None:
     assert not any(name.startswith("densemtl.models.sharing") for name in closure("densemtl.engine.evaluate", graph))
 
 
-# docs/architecture.md: errors/constants -> config -> tasks/metrics -> data/models/losses -> engine -> cli
+# docs/architecture.md: errors/constants -> config -> tasks/metrics -> data/models/losses -> engine -> cli/api,
+# and the package's __init__ (``densemtl.load``, imported lazily from densemtl.api) on top
+PACKAGE = "densemtl"
 LAYERS = [
-    ("densemtl", "densemtl.errors", "densemtl.constants", "densemtl.registry", "densemtl.dataset_info",
+    ("densemtl.errors", "densemtl.constants", "densemtl.registry", "densemtl.dataset_info",
      "densemtl.arrays", "densemtl.atomic", "densemtl.jsonio"),
     ("densemtl.config",),
     ("densemtl.tasks", "densemtl.label_relations", "densemtl.metrics"),
     ("densemtl.data", "densemtl.models", "densemtl.losses"),
     ("densemtl.engine",),
-    ("densemtl.cli",),
+    ("densemtl.cli", "densemtl.api"),
+    (PACKAGE,),
 ]
+
+
+def covers(prefix: str, name: str) -> bool:
+    """Whether ``prefix`` of LAYERS covers module ``name`` (the package itself only covers its __init__)."""
+    return name == prefix or (prefix != PACKAGE and name.startswith(prefix + "."))
 
 
 def layer(name: str) -> int:
     """The layer of a module: the deepest-matching prefix in LAYERS."""
     matches = [(len(prefix), index) for index, prefixes in enumerate(LAYERS) for prefix in prefixes
-               if name == prefix or name.startswith(prefix + ".")]
+               if covers(prefix, name)]
     assert matches, f"{name} is in no layer of LAYERS (add it to the table and to docs/architecture.md)"
     return max(matches)[1]
 

@@ -4,6 +4,12 @@ A sample is ``{"image": float 3 x H x W (normalised), <task>: target tensor, "me
 target conventions of :mod:`densemtl.tasks`, and ``meta`` holding at least ``name`` (str) and ``size``
 (the original ``(H, W)`` before any padding or crop), so predictions can be cropped back and saved.
 
+Partial labels: a sample without a task's label (a missing file in a dataset declared partial, a label
+dropped on purpose in the synthetic scenes) still has a target of the usual shape, every pixel invalid
+(:meth:`Task.empty_target`), and lists the task in ``meta["missing"]``. :func:`labelled_mask` turns that
+into a per-sample mask of a batch: the objective masks the task's loss per sample with it, evaluation skips
+those samples for that task.
+
 A dataset is a :class:`DenseDataset` subclass and one row of :data:`densemtl.registry.DATASETS`.
 ``build_dataset``, the bench, the CLI and ``densemtl data check`` read its class attributes and class
 methods, so they know a dataset without naming it and without its files.
@@ -76,6 +82,13 @@ def loader_options(data_config: DataConfig, device: torch.device) -> dict[str, A
         if data_config.prefetch_factor is not None:
             options["prefetch_factor"] = data_config.prefetch_factor
     return options
+
+
+def labelled_mask(batch: dict[str, Any], task: str) -> torch.Tensor | None:
+    """Which samples of a collated batch have a label for ``task`` (bool, B); None when all have one (or the
+    batch carries no ``meta``)."""
+    present = [task not in meta.get("missing", ()) for meta in batch.get("meta", ())]
+    return None if all(present) else torch.tensor(present)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,7 +7,10 @@ would otherwise fail or silently skew a run: unreadable files, targets whose siz
 image, NaN or infinite target values, label values out of range, values their task finds implausible
 (:meth:`Task.target_problems`: normals off unit length, depth in millimetres, edges outside [0, 1]),
 names listed twice or in two splits. Prints a summary table, then one line per problem naming the file;
-returns the problems (the CLI exits 1 when there are any).
+returns the problems (the CLI exits 1 when there are any). For a dataset declared partial (``partial``,
+``data.partial_labels`` in a run) a missing task file is no problem: the report gives each task's coverage
+per split instead (the share of samples that have all the files of that task's label); a missing image
+still is one.
 """
 
 from __future__ import annotations
@@ -78,10 +81,20 @@ def _open_sample(cls: type[FolderDataset], files: dict[str, Path], tasks: tuple[
     return problems
 
 
+def _coverage(cls: type[FolderDataset], root: Path, located: dict, split: str) -> str:
+    """``coverage <split>: <task> <percent> (<labelled>/<samples>) ...``: who has all of a task's files."""
+    parts = []
+    for task in cls.supported_tasks:
+        needs = set(cls.sources(root, [task])) - {"image"}
+        labelled = sum(1 for files, _ in located.values() if needs <= files.keys())
+        parts.append(f"{task} {100 * labelled / max(len(located), 1):.1f}% ({labelled}/{len(located)})")
+    return f"coverage {split}: " + ", ".join(parts)
+
+
 def _check_split(
-    cls: type[FolderDataset], root: Path, split: str, names: list[str], quick: bool
-) -> tuple[dict[str, int], list[str]]:
-    """File counts per source (plus ``opened``) and the problems of one split."""
+    cls: type[FolderDataset], root: Path, split: str, names: list[str], quick: bool, partial: bool = False
+) -> tuple[dict[str, int], list[str], str]:
+    """File counts per source (plus ``opened``), the problems and the task coverage line of one split."""
     tasks = cls.supported_tasks
     problems = [f"{cls.split_file(root, split)}: '{name}' listed {count} times"
                 for name, count in Counter(names).items() if count > 1]
@@ -94,6 +107,8 @@ def _check_split(
     absent_folders: set[Path] = set()
     for source, candidates in missing:
         folder = candidates[0].parent
+        if partial and source != "image":
+            continue  # partial labels: reported as coverage
         if folder.is_dir():
             problems.append(missing_message(candidates))
         elif folder not in absent_folders:
@@ -103,7 +118,7 @@ def _check_split(
     for name in tqdm(sampled, desc=f"checking {split}", unit="sample", leave=False):
         problems += _open_sample(cls, located[name][0], tasks)
     counts["opened"] = len(sampled)
-    return counts, problems
+    return counts, problems, _coverage(cls, root, located, split)
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -122,12 +137,13 @@ def _split_names(cls: type[FolderDataset], root: Path) -> list[str]:
 
 
 def _check_splits(
-    cls: type[FolderDataset], root: Path, splits: list[str], quick: bool
-) -> tuple[list[list[str]], list[str]]:
-    """The summary table's rows and the problems of every split."""
+    cls: type[FolderDataset], root: Path, splits: list[str], quick: bool, partial: bool = False
+) -> tuple[list[list[str]], list[str], list[str]]:
+    """The summary table's rows, the problems and the coverage lines of every split."""
     sources = list(cls.sources(root, cls.supported_tasks))
     rows = [["split", "samples", *sources, "opened"]]
     problems: list[str] = []
+    coverage: list[str] = []
     seen: dict[str, str] = {}
     for split in splits:
         try:
@@ -139,17 +155,18 @@ def _check_splits(
             if name in seen:
                 problems.append(f"{cls.split_file(root, split)}: '{name}' is also in split '{seen[name]}'")
             seen.setdefault(name, split)
-        counts, split_problems = _check_split(cls, root, split, names, quick)
+        counts, split_problems, split_coverage = _check_split(cls, root, split, names, quick, partial)
         problems += split_problems
+        coverage.append(split_coverage)
         rows.append([split, str(len(set(names))), *(str(counts[s]) for s in sources), str(counts["opened"])])
-    return rows, list(dict.fromkeys(problems))  # a file listed in two splits is reported once
+    return rows, list(dict.fromkeys(problems)), coverage  # a file listed in two splits is reported once
 
 
-def check_dataset(root: Path, dataset: str | None = None, quick: bool = False) -> list[str]:
+def check_dataset(root: Path, dataset: str | None = None, quick: bool = False, partial: bool = False) -> list[str]:
     """Check the dataset folder ``root``; print a summary table and the problems; return the problems.
 
     ``dataset`` names a row of DATASETS (default: detected); one that is not read from a folder is a
-    UserError.
+    UserError. ``partial``: the dataset is declared partially labelled (see the module docstring).
     """
     root = Path(root).expanduser()
     try:
@@ -165,9 +182,11 @@ def check_dataset(root: Path, dataset: str | None = None, quick: bool = False) -
         print(title)
         print(err)
         return [str(err)]
-    rows, problems = _check_splits(cls, root, splits, quick)
+    rows, problems, coverage = _check_splits(cls, root, splits, quick, partial)
     print(title)
     print(_table(rows))
+    if partial:
+        print("\n".join(coverage))
     print(f"{len(problems)} problem(s)" + (" (quick: a sample of each split opened)" if quick else ""))
     for problem in problems:
         print(problem)

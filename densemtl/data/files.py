@@ -5,7 +5,8 @@ never surfaces as a bare decoder exception deep inside a DataLoader worker. :cla
 holds what both benchmarks share: split files of sample names, per-sample file lookup (several
 candidate paths per source, tried in order), the joint transforms, and the bad-sample policy
 (``data.on_bad_sample``: ``"error"`` raises, ``"skip"`` replaces the sample by the next readable one and
-counts it in a log message).
+counts it in a log message). A dataset declared partial (``data.partial_labels``) keeps a sample that lacks
+a task's file: that task's label is missing for it (:mod:`densemtl.data.base`); its image stays required.
 """
 
 from __future__ import annotations
@@ -126,8 +127,13 @@ class FolderDataset(DenseDataset):
         self.tasks = self.check_tasks(data_config.tasks)
         self.split = split
         self.on_bad_sample = data_config.on_bad_sample
+        # the sources each task is read from (a task's label is missing when one of them is)
+        self.needs = {task: set(self.sources(self.root, [task])) - {"image"} for task in self.tasks}
+        optional = set().union(*self.needs.values()) if data_config.partial_labels else set()
         names = read_split(self.split_file(self.root, split))
-        files, missing = self.index(self.root, names, self.tasks)
+        files, missing = self.index(self.root, names, self.tasks, optional)
+        self._log_partial(split, [entry for entry in missing if entry[0] in optional])
+        missing = [entry for entry in missing if entry[0] not in optional]
         if missing:
             first = missing_message(missing[0][1])
             if self.on_bad_sample == "error":
@@ -145,6 +151,12 @@ class FolderDataset(DenseDataset):
         self.transform = build_transform(data_config, train=train)
         self.info = self.dataset_info(self.tasks)
         self.skipped = 0
+
+    def _log_partial(self, split: str, absent: list[tuple[str, list[Path]]]) -> None:
+        if absent:
+            counts = {source: sum(1 for entry in absent if entry[0] == source) for source in dict(absent)}
+            listing = ", ".join(f"{source} {count}" for source, count in counts.items())
+            log.info("%s: split '%s' is partially labelled (files missing: %s)", self.root, split, listing)
 
     @classmethod
     def detect(cls, root: Path) -> bool:
@@ -190,16 +202,18 @@ class FolderDataset(DenseDataset):
 
     @classmethod
     def index(
-        cls, root: Path, names: list[str], tasks: Iterable[str]
+        cls, root: Path, names: list[str], tasks: Iterable[str], optional: Iterable[str] = ()
     ) -> tuple[dict[str, dict[str, Path]], list[tuple[str, list[Path]]]]:
-        """The files of every name that has all of them, and ``(source, candidates)`` of each one missing."""
+        """The files of every name that has all of them but ``optional`` sources, and ``(source, candidates)``
+        of each one missing."""
         sources = cls.sources(root, tasks)
+        optional = set(optional)
         found: dict[str, dict[str, Path]] = {}
         missing: list[tuple[str, list[Path]]] = []
         for name in names:
             files, lacking = cls.locate(root, name, sources)
             missing += lacking
-            if not lacking:
+            if all(source in optional for source, _ in lacking):
                 found[name] = files
         return found, missing
 
@@ -229,6 +243,9 @@ class FolderDataset(DenseDataset):
         cache: dict[str, Any] = {}
         raw: dict[str, Any] = {"image": image}
         for task in self.tasks:
+            if not self.needs[task] <= files.keys():
+                raw[task] = None  # partial labels: this sample lacks the task's file
+                continue
             raw[task] = self.read_task(task, files, image.shape[:2], cache)
             if not self.train and task in self.evaluation_targets:
                 raw[task] = self.evaluation_targets[task](raw[task], cache)

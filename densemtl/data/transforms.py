@@ -5,11 +5,12 @@ Shared by all datasets, so the input format is dataset-agnostic. A raw sample (w
     {"image": uint8 H x W x 3 numpy (RGB),
      <task>: target as numpy or tensor in the conventions of densemtl.tasks
              (label maps H x W integers; depth 1 x H x W or H x W metres; normals 3 x H x W;
-              edge / saliency 1 x H x W or H x W),
+              edge / saliency 1 x H x W or H x W), or None when the sample has no label for the task,
      "meta": {"name": str, ...}}
 
 :func:`to_tensor_sample` turns it into the contract format (``image`` float32 3 x H x W normalised with
-``IMAGE_MEAN``/``IMAGE_STD``, targets as tensors, ``meta["size"]`` = the native ``(H, W)``). The
+``IMAGE_MEAN``/``IMAGE_STD``, targets as tensors, ``meta["size"]`` = the native ``(H, W)``; a None target
+becomes the task's all-invalid target and the task is listed in ``meta["missing"]``). The
 transform returned by :func:`build_transform` does that and then, for training, a random scale, a random
 crop (padding with each task's fill value where the scaled image is smaller) and a horizontal flip.
 
@@ -74,15 +75,18 @@ def to_tensor_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
         raise DataError(f"sample {sample.get('meta', {}).get('name', '?')!r} has no 'image'")
     out: dict[str, Any] = {"image": normalize_image(sample["image"])}
     size = tuple(out["image"].shape[-2:])
+    missing = [key for key, value in sample.items() if value is None]
     for key, value in sample.items():
         if key in ("image", "meta"):
             continue
-        target = _task(key).to_target(value)
+        target = _task(key).to_target(value) if value is not None else _task(key).empty_target(size)
         if tuple(target.shape[-2:]) != size:
             raise DataError(f"target '{key}' has size {tuple(target.shape[-2:])}, the image {size}")
         out[key] = target
     meta = dict(sample.get("meta", {}))
     meta.setdefault("size", size)
+    if missing:
+        meta["missing"] = tuple(missing)
     out["meta"] = meta
     return out
 

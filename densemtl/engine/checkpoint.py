@@ -15,12 +15,10 @@ file. A file that cannot be read, lacks an entry its use needs or fails the chec
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,8 @@ from torch import nn
 from densemtl.atomic import atomic_write
 from densemtl.config import Config, from_dict, merge_dicts, parse_overrides, read_yaml
 from densemtl.dataset_info import DatasetInfo
+from densemtl.engine.model_folder import read_model_folder
+from densemtl.engine.tensor_tree import iter_tensors, tensors_digest
 from densemtl.errors import UserError
 from densemtl.tasks import Task
 
@@ -42,25 +42,9 @@ _ENTRY_TYPES = {"config": dict, "info": dict, "model": dict, "optimizer": dict, 
                 "rng": list, "step": int, "data_position": dict, "best": dict}
 
 
-def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """``(path, tensor)`` for every tensor inside nested dicts, lists and tuples, in their order."""
-    if torch.is_tensor(tree):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from iter_tensors(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(tree, (list, tuple)):
-        for index, value in enumerate(tree):
-            yield from iter_tensors(value, f"{prefix}[{index}]")
-
-
 def tensor_checksum(state: dict[str, Any]) -> str:
     """A hash of every tensor of ``state`` (but its own ``checksum`` entry): place, dtype, shape and bytes."""
-    digest = hashlib.blake2b(digest_size=16)
-    for path, tensor in iter_tensors({key: value for key, value in state.items() if key != CHECKSUM}):
-        digest.update(f"{path}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+    return tensors_digest({key: value for key, value in state.items() if key != CHECKSUM})
 
 
 def nonfinite_tensors(tree: Any) -> list[str]:
@@ -114,20 +98,27 @@ def _structure_problem(state: Any, entries: tuple[str, ...]) -> str | None:
 
 def load_checkpoint(path: str | Path, entries: tuple[str, ...] = MODEL_ENTRIES) -> dict[str, Any]:
     """Read a checkpoint on the CPU, check it holds ``entries`` and its checksum; a missing, unreadable,
-    incomplete or damaged file is a :class:`UserError` naming it."""
+    incomplete or damaged file is a :class:`UserError` naming it.
+
+    A folder written by ``densemtl export`` is read as the same kind of state
+    (:func:`densemtl.engine.model_folder.read_model_folder`), so whatever takes a checkpoint takes a folder.
+    """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        state = read_model_folder(path)  # checks each of its files itself
+    elif not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on pickle protocols are no concern of the user
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # whatever the decoder raises, the file is not a readable checkpoint
-        raise UserError(f"{path}: not a readable checkpoint ({_unreadable_reason(err)})") from None
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols are no concern of the user
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # whatever the decoder raises, the file is not a readable checkpoint
+            raise UserError(f"{path}: not a readable checkpoint ({_unreadable_reason(err)})") from None
     problem = _structure_problem(state, entries)
     if problem is not None:
         raise UserError(f"{path}: not a densemtl checkpoint ({problem})")
-    saved = state.pop(CHECKSUM, None)  # checkpoints written before checksums have none
+    saved = state.pop(CHECKSUM, None)  # checkpoints written before checksums (and exported folders) have none
     if saved is not None and saved != tensor_checksum(state):
         raise UserError(f"{path}: damaged checkpoint: its tensor data does not match the checksum written with it")
     return state
@@ -247,18 +238,20 @@ def model_from_state(
     from densemtl.models import build_model
     from densemtl.tasks import build_tasks
 
-    info = info_from_dict(state["info"], path)
+    files = state.get("files", {})  # an exported folder names the file of each entry
+    info = info_from_dict(state["info"], files.get("info", path))
     tasks = build_tasks(config.data.tasks, info, config.loss.normals_loss)
     model = build_model(config, info, tasks)
     weights = state["ema"]["model"] if state.get("ema") else state["model"]
+    source = files.get("model", path)
     bad = nonfinite_tensors(weights)
     if bad:
-        raise UserError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values (first: {bad[0]}); "
-                        "this checkpoint cannot predict")
+        raise UserError(f"{source}: {len(bad)} weight tensor(s) hold NaN or infinite values (first: {bad[0]}); "
+                        "this model cannot predict")
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise UserError(f"{path}: weights do not fit the config's model ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{source}: weights do not fit the config's model ({str(err).splitlines()[0]})") from None
     return LoadedModel(model.to(device).eval(), tasks, config, info, int(state.get("step", 0)))
 
 

@@ -2,7 +2,8 @@
 
 Every path ends in the same stateful metrics (:mod:`densemtl.metrics`), at the native resolution of
 each image (padded batches are cropped back to ``meta["size"]``), with the counts summed across
-processes under torch.distributed. Results are ``{task: {metric: value}}``; the JSON written by
+processes under torch.distributed. A sample without a task's label (partial labels) is left out of that
+task's metric. Results are ``{task: {metric: value}}``; the JSON written by
 ``--out`` is ``{"results": ..., "per_class": {task: {class: IoU}}, "evaluation": {...}}``, which is also
 the result-file format :func:`densemtl.metrics.delta_m.load_results` reads.
 """
@@ -28,7 +29,7 @@ from densemtl.config import (
     SyntheticConfig,
     to_dict,
 )
-from densemtl.data.base import collate, loader_options
+from densemtl.data.base import collate, labelled_mask, loader_options
 from densemtl.data.transforms import pad_to
 from densemtl.dataset_info import DatasetInfo
 from densemtl.engine import distributed
@@ -125,10 +126,13 @@ def _update_metrics(
         copied.synchronize()
     for name, metric in metrics.items():
         pred, target = preds[name], batch[name]
-        if all(tuple(meta["size"]) == tuple(target.shape[-2:]) for meta in batch["meta"]):
+        present = labelled_mask(batch, name)  # samples without this task's label are skipped
+        if present is None and all(tuple(meta["size"]) == tuple(target.shape[-2:]) for meta in batch["meta"]):
             metric.update(pred, target)  # nothing padded
             continue
         for index, meta in enumerate(batch["meta"]):
+            if present is not None and not present[index]:
+                continue
             height, width = meta["size"]
             window = (slice(index, index + 1), Ellipsis, slice(0, height), slice(0, width))
             metric.update(pred[window], target[window])

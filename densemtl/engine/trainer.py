@@ -49,6 +49,7 @@ from densemtl.engine.logger import RunLogger
 from densemtl.engine.objective import Objective, shared_parameters
 from densemtl.engine.results import primary_score, write_results
 from densemtl.engine.schedule import build_scheduler
+from densemtl.engine.task_gradients import build_task_gradients
 from densemtl.errors import ConfigError, TrainingDiverged, UserError
 from densemtl.metrics.delta_m import Results
 from densemtl.models.output import ModelOutput
@@ -203,6 +204,9 @@ class Trainer:
         self.forward_model = torch.compile(self.model) if config.train.compile else self.model
         self.ema = WeightEMA(_unwrap(self.model), config.train.ema_decay) if config.train.ema_decay > 0 else None
         self._shared = shared_parameters(self.model)
+        self.task_gradients = build_task_gradients(
+            _unwrap(self.model), objective, trainable, config.train.accumulate
+        )
 
         self.sampler = distributed.ResumableSampler(train_set, dist_info, seed=config.train.seed)
         if self.sampler.num_samples < config.data.batch_size:
@@ -312,10 +316,15 @@ class Trainer:
             last = micro == accumulate - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
             with sync:
-                self.scaler.scale(total / accumulate).backward()
+                if self.task_gradients is None:
+                    self.scaler.scale(total / accumulate).backward()
+                else:
+                    self.task_gradients.backward(total / accumulate, self.scaler, accumulate, self.step)
             for key, value in figures.items():
                 sums[key] = sums.get(key, 0.0) + value.detach() / accumulate
         self._sync_objective_grads()
+        if self.task_gradients is not None:  # before unscaling, so a non-finite combination meets the guard below
+            sums.update(self.task_gradients.finish(self.scaler, self.step))
         self.scaler.unscale_(self.optimizer)  # a no-op without fp16
         sums["grad_norm"] = self._checked_gradient_norm()
         sums["lr"] = self.optimizer.param_groups[0]["lr"]

@@ -63,20 +63,26 @@ def one_phase(config: Config, model: nn.Module) -> list[Phase]:
 
 @dataclass(frozen=True)
 class Architecture:
-    """A network family: ``build(config, info, tasks)``, ``phases(config, model)`` and ``deploy``.
+    """A network family: ``build(config, info, tasks)``, ``phases(config, model)``, ``deploy`` and ``export``.
 
     ``deploy(model, config)`` turns a trained network into what evaluation and video prediction run
-    (None: the network itself). Whatever it returns is called like a model and gives at least
-    ``{"pred": ...}``.
+    (None: the network itself). ``export(model, config)`` gives the form traced into a static graph (ONNX):
+    one whose forward has no branch on tensor values (None: the network itself). Whatever either returns
+    is called like a model and gives at least ``{"pred": ...}``.
     """
 
     build: ModelBuilder
     phases: Callable[[Config, nn.Module], list[Phase]] = one_phase
     deploy: Callable[[nn.Module, Config], nn.Module] | None = None
+    export: Callable[[nn.Module, Config], nn.Module] | None = None
 
     def deployed(self, model: nn.Module, config: Config) -> nn.Module:
         """The form of ``model`` that is evaluated and used (the model itself unless ``deploy`` is set)."""
         return model if self.deploy is None else self.deploy(model, config)
+
+    def exported(self, model: nn.Module, config: Config) -> nn.Module:
+        """The form of ``model`` that ONNX export traces (the model itself unless ``export`` is set)."""
+        return model if self.export is None else self.export(model, config)
 
 
 @dataclass(frozen=True)

@@ -153,14 +153,30 @@ def synthetic_info() -> DatasetInfo:
                        class_names={"semseg": list(CLASS_NAMES)}, boundary_max_dist=0.011)
 
 
-def _frame_targets(arrays: dict[str, np.ndarray], index: int, tasks: Iterable[str]) -> dict[str, Any]:
-    """One cached frame as a raw sample (the transforms' input format) with the requested tasks.
+def dropped_labels(config: SyntheticConfig, split: str, count: int) -> dict[str, frozenset[int]]:
+    """The frames of ``split`` whose label of a task is dropped (``drop_labels``, training split only): the
+    first ``round(fraction * count)`` of a permutation drawn from ``(seed, task)``, so exactly that share,
+    the same frames in every epoch and every run."""
+    if split != "train":
+        return {}
+    dropped = {}
+    for task, fraction in config.drop_labels.items():
+        rng = np.random.default_rng([config.seed, 1000 + SYNTHETIC_TASKS.index(task)])
+        dropped[task] = frozenset(rng.permutation(count)[: round(fraction * count)].tolist())
+    return dropped
+
+
+def _frame_targets(
+    arrays: dict[str, np.ndarray], index: int, tasks: Iterable[str], dropped: dict[str, frozenset[int]] | None = None
+) -> dict[str, Any]:
+    """One cached frame as a raw sample (the transforms' input format) with the requested tasks; a task
+    whose label is dropped for this frame is None.
 
     The arrays are copied, so a sample never shares memory with the cache.
     """
     sample: dict[str, Any] = {"image": arrays["image"][index]}
     for task in tasks:
-        sample[task] = np.array(arrays[task][index])
+        sample[task] = None if index in (dropped or {}).get(task, ()) else np.array(arrays[task][index])
     return sample
 
 
@@ -180,6 +196,7 @@ class SyntheticDataset(DenseDataset):
         self.tasks = self.check_tasks(data_config.tasks)
         self.arrays = load_split(data_config.synthetic, split)
         self.data_offsets = list(data_config.synthetic.neighbour_offsets)
+        self.dropped = dropped_labels(data_config.synthetic, split, len(self.arrays["image"]))
         self.transform = build_transform(data_config, train=train)
 
     @classmethod
@@ -194,7 +211,7 @@ class SyntheticDataset(DenseDataset):
         return len(self.arrays["image"])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = _frame_targets(self.arrays, index, self.tasks)
+        sample = _frame_targets(self.arrays, index, self.tasks, self.dropped)
         sample["meta"] = {"name": f"{self.split}_{index:05d}"}
         if "neighbours" not in self.arrays:
             return self.transform(sample, index)

@@ -47,22 +47,30 @@ class GradNormBalancer(Balancer):
             shared_parameters = shared_parameters[-self.last_parameters :]
         stacked = self._stack(losses)
         terms = self.base.to(stacked.device) * stacked
+        present = self._present(losses, stacked.device)
         with torch.no_grad():
             self.task_weights.clamp_(min=1e-3)
             self.task_weights.mul_(len(self.task_names) / self.task_weights.sum())
             if not bool(self.started):
                 self.initial_losses.copy_(terms.detach())
                 self.started.fill_(True)
-        norms = []
-        for term in terms:
-            grads = torch.autograd.grad(term, shared_parameters, retain_graph=True, allow_unused=True)
-            squares = [g.detach().pow(2).sum() for g in grads if g is not None]
-            norms.append(torch.stack(squares).sum().sqrt() if squares else terms.new_zeros(()))
+            first_seen = present.to(self.initial_losses.device) & (self.initial_losses == 0)  # partial labels
+            self.initial_losses[first_seen] = terms.detach().to(self.initial_losses)[first_seen]
+        norms = [self._norm(term, shared_parameters) if labelled else terms.new_zeros(())
+                 for term, labelled in zip(terms, present.tolist(), strict=True)]
         weights = self.task_weights.to(stacked.device)
         grad_norms = weights * torch.stack(norms)
-        with torch.no_grad():
+        with torch.no_grad():  # tasks without a label in the batch take no part in the targets
             ratio = terms.detach() / self.initial_losses.to(terms.device).clamp_min(1e-12)
-            target = grad_norms.mean() * (ratio / ratio.mean().clamp_min(1e-12)) ** self.alpha
-        grad_loss = (grad_norms - target).abs().sum()
+            mean_ratio = ratio[present].mean().clamp_min(1e-12)
+            target = grad_norms[present].mean() * (ratio / mean_ratio) ** self.alpha
+        grad_loss = ((grad_norms - target).abs() * present).sum()
         total = (weights.detach() * terms).sum() + grad_loss
         return total, self._as_dict(weights.detach() * self.base.to(weights.device))
+
+    @staticmethod
+    def _norm(term: Tensor, shared_parameters: list[nn.Parameter]) -> Tensor:
+        """``|grad_shared term|`` (detached)."""
+        grads = torch.autograd.grad(term, shared_parameters, retain_graph=True, allow_unused=True)
+        squares = [g.detach().pow(2).sum() for g in grads if g is not None]
+        return torch.stack(squares).sum().sqrt() if squares else term.new_zeros(())

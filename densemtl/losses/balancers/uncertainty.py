@@ -27,5 +27,5 @@ class UncertaintyBalancer(Balancer):
         stacked = self._stack(losses)
         log_vars = self.log_vars.to(stacked.device)
         factor = torch.exp(-log_vars) * self.base.to(stacked.device)
-        total = (factor * stacked).sum() + log_vars.sum()
+        total = (factor * stacked).sum() + (log_vars * self._present(losses, stacked.device)).sum()
         return total, self._as_dict(factor)

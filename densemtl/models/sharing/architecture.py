@@ -2,7 +2,8 @@
 activation sharing) of ``sharing.phase_steps`` steps each, with an optional ``base_temporal`` phase of
 ``sharing.base_temporal_steps`` after the base (the released code's temporal fine-tuning of the base);
 deployed as :class:`SharedInference` in the ``sharing.inference`` mode at ``sharing.threshold``
-(``sharing.temporal_threshold`` between video frames)."""
+(``sharing.temporal_threshold`` between video frames); exported with every sub-task computed densely
+(:mod:`densemtl.models.sharing.dense`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from densemtl.errors import ConfigError
 from densemtl.models.architecture import Architecture, Phase
+from densemtl.models.sharing.dense import dense_sharing
 from densemtl.models.sharing.inference import SharedInference
 from densemtl.models.sharing.model import PHASES, SharingModel, build_sharing_model, temporal_hook
 
@@ -45,4 +47,4 @@ def deploy_sharing(model: SharingModel, config: Config) -> SharedInference:
     return SharedInference(model, sharing.threshold, sharing.temporal_threshold, mode=sharing.inference)
 
 
-SHARING = Architecture(build=build_sharing_model, phases=sharing_phases, deploy=deploy_sharing)
+SHARING = Architecture(build=build_sharing_model, phases=sharing_phases, deploy=deploy_sharing, export=dense_sharing)
