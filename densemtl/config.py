@@ -56,6 +56,9 @@ class DataConfig:
     batch_size: int = 8
     eval_batch_size: int = 8
     num_workers: int = 0
+    pin_memory: bool = True  # page-locked batches, copied to the GPU while it computes (only with CUDA)
+    persistent_workers: bool = False  # keep the workers between epochs (needs num_workers > 0)
+    prefetch_factor: int | None = None  # batches each worker loads ahead (needs num_workers > 0); None: torch's 2
     on_bad_sample: Literal["error", "skip"] = "error"
     partial_labels: bool = False  # a folder dataset may lack a task's file for a sample: it trains without it
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -70,6 +73,9 @@ class ModelConfig:
     feature_layers: list[int] | None = None  # for plain ViTs: which blocks feed the neck
     neck_channels: int = 64
     head_channels: int = 64
+    # recompute the backbone's activations in the backward pass instead of storing them: less memory, ~30 %
+    # more compute (Hugging Face blocks where the model supports it, else the whole encoder as one segment)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -99,6 +105,8 @@ class TrainConfig:
     device: str = "auto"
     sync_bn: bool = True  # under DDP on GPUs: BatchNorm statistics over all ranks (SyncBN is GPU-only)
     find_unused_parameters: bool = False  # DDP: set for models whose forward skips some parameters
+    compile: bool = False  # torch.compile the training forward (the first steps are slower while it compiles)
+    channels_last: bool = False  # NHWC weights and images: faster convolutions on GPUs with tensor cores
 
 
 @dataclass
@@ -441,6 +449,7 @@ RANGES: dict[str, Bounds] = {
     "data.batch_size": AT_LEAST_ONE,
     "data.eval_batch_size": AT_LEAST_ONE,
     "data.num_workers": NON_NEGATIVE,
+    "data.prefetch_factor": AT_LEAST_ONE,
     "model.feature_layers": AT_LEAST_ONE,  # 1-based block indices
     "model.neck_channels": AT_LEAST_ONE,
     "model.head_channels": AT_LEAST_ONE,
@@ -525,7 +534,8 @@ def validate(config: Config, source: str = "<config>") -> None:
     for registry, name in ((DATASETS, config.data.dataset), (ARCHITECTURES, config.model.arch),
                            (BALANCERS, config.loss.balancer)):
         registry.check(name, source)
-    for check in (_check_tasks, _check_ranges, _check_sizes, _check_sharing, _check_partial_labels):
+    for check in (_check_tasks, _check_ranges, _check_sizes, _check_sharing, _check_partial_labels,
+                  _check_loader):
         check(config, fail)
 
 
@@ -548,6 +558,15 @@ def _check_sizes(config: Config, fail: _Fail) -> None:
     scale = config.data.scale_range
     if len(scale) != 2 or scale[0] > scale[1]:
         fail("data.scale_range", "expected [min, max] with min <= max")
+
+
+def _check_loader(config: Config, fail: _Fail) -> None:
+    """Options of the data worker processes refused when there are none (torch would fail at the first batch)."""
+    if config.data.num_workers == 0:
+        if config.data.persistent_workers:
+            fail("data.persistent_workers", "needs data.num_workers > 0")
+        if config.data.prefetch_factor is not None:
+            fail("data.prefetch_factor", "needs data.num_workers > 0")
 
 
 def _check_ranges(config: Config, fail: _Fail) -> None:

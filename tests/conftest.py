@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -30,6 +31,39 @@ from densemtl.engine.trainer import Trainer
 from densemtl.models import build_model
 from densemtl.models.sharing.model import SharingModel
 from densemtl.tasks import Task, build_tasks
+
+# --- GPU tests ------------------------------------------------------------------------------------
+
+
+def cuda_gpus_needed(item: pytest.Item) -> int:
+    """How many GPUs a test marked ``cuda`` (``cuda(gpus=N)``) needs; 0 for other tests."""
+    marker = item.get_closest_marker("cuda")
+    return 0 if marker is None else int(marker.kwargs.get("gpus", 1))
+
+
+def gpus_available() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the ``cuda`` tests a machine has too few GPUs for, saying so."""
+    for item in items:
+        needed = cuda_gpus_needed(item)
+        if needed > gpus_available():
+            item.add_marker(pytest.mark.skip(reason=f"needs {needed} CUDA GPU(s), this machine has {gpus_available()}"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """A ``cuda`` test skipped on a machine with the GPUs it needs fails instead: a GPU run never passes by
+    skipping its GPU tests."""
+    outcome = yield
+    report = outcome.get_result()
+    needed = cuda_gpus_needed(item)
+    if report.skipped and needed and gpus_available() >= needed:
+        report.outcome = "failed"
+        report.longrepr = f"a cuda test was skipped on a machine with {gpus_available()} GPU(s): {report.longrepr}"
+
 
 # --- training runs ----------------------------------------------------------------------------------
 
@@ -128,6 +162,19 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
+
+# --- backbones ------------------------------------------------------------------------------------
+
+# Each backbone family at a size a unit test builds in a moment.
+TINY_ARGS = {
+    "resnet": {"embedding_size": 8, "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1], "layer_type": "basic"},
+    "convnext": {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
+    "swin": {"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4},
+    "mobilenetv2": {"depth_multiplier": 0.25},
+    "segformer": {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1], "num_attention_heads": [1, 1, 2, 2]},
+    "vit": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64},
+    "dinov2": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "image_size": 56},
+}
 
 # --- computation sharing ----------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,21 +27,26 @@ OVERRIDES = ["data.tasks=[semseg,depth]", "data.flip=false", "train.steps=3", "t
 PER_RANK_BATCH = 2
 
 
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _train_ddp(run_dir: Path) -> None:
+    """One rank of the DDP run into ``run_dir``, its rank layout from the environment (torchrun's variables)."""
     torch.set_num_threads(1)
-    config = tiny_config(Path(tmp), *OVERRIDES, f"data.batch_size={PER_RANK_BATCH}")
+    config = tiny_config(run_dir.parent, *OVERRIDES, f"data.batch_size={PER_RANK_BATCH}")
     dist_info, device = distributed.setup("cpu")
     try:
-        trainer = make_trainer(config, Path(tmp) / "ddp", GroupNormNet, dist_info=dist_info, device=device)
+        trainer = make_trainer(config, run_dir, GroupNormNet, dist_info=dist_info, device=device)
         trainer.fit()
     finally:
         distributed.cleanup()
 
 
-def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path: Path) -> None:
-    world = 2
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    _train_ddp(Path(tmp) / "ddp")
+
+
+def _single_process_run(tmp_path: Path, world: int) -> dict[str, torch.Tensor]:
+    """Train one process on the global batch of ``world`` ranks; its initial weights."""
     config = tiny_config(tmp_path, *OVERRIDES, f"data.batch_size={PER_RANK_BATCH * world}")
     data = build_dataset(config.data, "train", train=True)  # also fills the cache the workers read
     for index in range(len(data)):  # fully valid targets: per-rank means average to the global mean
@@ -48,8 +54,10 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path: Path
     single = make_trainer(config, tmp_path / "single", GroupNormNet)
     initial = {k: v.clone() for k, v in single.model.state_dict().items()}
     single.fit()
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    return initial
 
+
+def _assert_ddp_run_equals_single(tmp_path: Path, initial: dict[str, torch.Tensor], world: int) -> None:
     one = load_checkpoint(tmp_path / "single" / "checkpoints" / "last.pt")["model"]
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
     assert ddp["step"] == 3 and len(ddp["rng"]) == world  # every rank's RNG state is kept for resume
@@ -57,6 +65,29 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path: Path
         assert not torch.allclose(value, initial[name]) or name.endswith("bias"), f"{name} did not train"
         assert torch.allclose(ddp["model"][name], value, rtol=1e-4, atol=1e-6), f"{name}: DDP != single process"
     assert [r["step"] for r in read_log(tmp_path / "ddp")] == [1, 2, 3]  # only rank 0 wrote the log
+
+
+def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    world = 2
+    initial = _single_process_run(tmp_path, world)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    _assert_ddp_run_equals_single(tmp_path, initial, world)
+
+
+def test_two_nodes_on_loopback_match_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    """``torchrun --nnodes=2 --node_rank=R --nproc_per_node=1`` twice on 127.0.0.1 (static rendezvous at node 0,
+    gloo): the job trains like one process on the global batch, and only global rank 0 (node 0) writes."""
+    initial = _single_process_run(tmp_path, world=2)
+    port = free_port()
+    nodes = [
+        densemtl_process("--out", str(tmp_path / "ddp"), launcher=(
+            "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "tests.test_distributed"))
+        for node in range(2)
+    ]
+    codes = [node.wait(timeout=600) for node in nodes]
+    assert codes == [0, 0], (tmp_path / "ddp.stderr").read_text()[-3000:]
+    _assert_ddp_run_equals_single(tmp_path, initial, world=2)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -117,3 +148,7 @@ def test_torchrun_trains_and_resumes_through_the_command_line(tmp_path: Path) ->
     assert state["step"] == 4 and state["data_position"] == {"epoch": 1, "batch": 2}  # 2 batches per epoch and rank
     assert [r["step"] for r in read_log(run_dir)] == [1, 2, 3, 4]  # one writer, continued on resume
     assert (run_dir / "results.json").is_file()
+
+
+if __name__ == "__main__":  # a rank of the multi-node test's torchrun job: python -m tests.test_distributed --out DIR
+    _train_ddp(Path(sys.argv[sys.argv.index("--out") + 1]))

@@ -16,16 +16,7 @@ from densemtl.models import build_model
 from densemtl.models.backbones import FAMILIES, PRESETS, build_backbone
 from densemtl.models.decoders import resize_to_input
 from densemtl.tasks import build_tasks
-
-TINY_ARGS = {
-    "resnet": {"embedding_size": 8, "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1], "layer_type": "basic"},
-    "convnext": {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
-    "swin": {"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4},
-    "mobilenetv2": {"depth_multiplier": 0.25},
-    "segformer": {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1], "num_attention_heads": [1, 1, 2, 2]},
-    "vit": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64},
-    "dinov2": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "image_size": 56},
-}
+from tests.conftest import TINY_ARGS
 
 NYUD = DatasetInfo("nyud", ("semseg", "depth", "normals", "edge"), num_classes={"semseg": 40})
 PASCAL = DatasetInfo(

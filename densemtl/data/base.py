@@ -80,6 +80,18 @@ class DenseDataset(Dataset):
         return tasks
 
 
+def loader_options(data_config: DataConfig, device: torch.device) -> dict[str, Any]:
+    """The DataLoader keyword arguments of the ``data`` section: workers, pinned memory (with CUDA only),
+    persistent workers and prefetch."""
+    options: dict[str, Any] = {"num_workers": data_config.num_workers,
+                               "pin_memory": data_config.pin_memory and device.type == "cuda"}
+    if data_config.num_workers > 0:
+        options["persistent_workers"] = data_config.persistent_workers
+        if data_config.prefetch_factor is not None:
+            options["prefetch_factor"] = data_config.prefetch_factor
+    return options
+
+
 def labelled_mask(batch: dict[str, Any], task: str) -> torch.Tensor | None:
     """Which samples of a collated batch have a label for ``task`` (bool, B); None when all have one (or the
     batch carries no ``meta``)."""

@@ -171,11 +171,17 @@ class JointTransform:
         self.flip = flip
         self.fills = _fill_values(tasks_fill)
         self.train = train
-        self.epoch_seed: tuple[int, int] | None = None
+        # (set, seed, epoch) in shared memory: persistent data workers see each new epoch too
+        self._epoch_seed = torch.zeros(3, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch_seed(self) -> tuple[int, int] | None:
+        set_, seed, epoch = self._epoch_seed.tolist()
+        return (seed, epoch) if set_ else None
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         """Draw each sample's augmentation from ``(seed, epoch, index)`` from now on."""
-        self.epoch_seed = (seed, epoch)
+        self._epoch_seed.copy_(torch.tensor([1, seed, epoch]))
 
     def __call__(self, sample: Mapping[str, Any], index: int | None = None) -> dict[str, Any]:
         tensors = to_tensor_sample(sample)

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from densemtl.dataset_info import DatasetInfo
-from densemtl.engine.distributed import env_info, resolve_device
+from densemtl.engine.distributed import env_info, resolve_device, synchronize
 from densemtl.errors import UserError
 from densemtl.jsonio import write_json
 from densemtl.models import build_model
@@ -121,15 +121,14 @@ def deployed_cost(model: nn.Module, tasks: list[str], size: tuple[int, int]) -> 
 def time_forward(model: nn.Module, image: torch.Tensor, repeats: int, label: str) -> float:
     """Median seconds of one forward pass over ``repeats`` runs, after warm-up."""
     times = []
-    sync = torch.cuda.synchronize if image.device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         for _ in range(WARMUP):
             model(image)
         for _ in tqdm(range(repeats), desc=label, leave=False):
-            sync()
+            synchronize(image.device)
             start = time.perf_counter()
             model(image)
-            sync()
+            synchronize(image.device)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -62,6 +62,12 @@ def resolve_device(request: str, info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU): timings of GPU work need it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def setup(device_request: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun; return the rank layout and the device."""
     info = env_info()

@@ -29,7 +29,7 @@ from densemtl.config import (
     SyntheticConfig,
     to_dict,
 )
-from densemtl.data.base import DenseDataset, collate, labelled_mask
+from densemtl.data.base import DenseDataset, collate, labelled_mask, loader_options
 from densemtl.data.transforms import pad_to
 from densemtl.dataset_info import DatasetInfo
 from densemtl.engine import distributed
@@ -99,24 +99,43 @@ def run_metrics(
         _shard(dataset),
         batch_size=config.data.eval_batch_size,
         shuffle=False,
-        num_workers=config.data.num_workers,
         collate_fn=_padding_collate(tasks),
+        **{**loader_options(config.data, torch.device(device)), "persistent_workers": False},  # one pass each
     )
+    device = torch.device(device)
+    pending: tuple[dict[str, torch.Tensor], dict[str, Any], torch.cuda.Event | None] | None = None
     for batch in tqdm(loader, desc="evaluate", leave=False, disable=not _main_process()):
-        raw = model(batch["image"].to(device))["pred"]
-        for name, metric in metrics.items():
-            pred = tasks[name].predict(raw[name].float()).cpu()
-            target = batch[name]
-            present = labelled_mask(batch, name)  # samples without this task's label are skipped
-            if present is None and all(tuple(meta["size"]) == tuple(target.shape[-2:]) for meta in batch["meta"]):
-                metric.update(pred, target)  # nothing padded
+        raw = model(batch["image"].to(device, non_blocking=True))["pred"]
+        # queue the copies to the host, then score the previous batch on the CPU while the GPU runs this one
+        preds = {name: tasks[name].predict(raw[name].float()).to("cpu", non_blocking=True) for name in metrics}
+        copied = torch.cuda.Event() if device.type == "cuda" else None
+        if copied is not None:
+            copied.record()
+        if pending is not None:
+            _update_metrics(metrics, *pending)
+        pending = (preds, batch, copied)
+    if pending is not None:
+        _update_metrics(metrics, *pending)
+
+
+def _update_metrics(
+    metrics: dict[str, Any], preds: dict[str, torch.Tensor], batch: dict[str, Any], copied: torch.cuda.Event | None
+) -> None:
+    """Add one batch's predictions (once their copy to the host is done) to ``metrics``, unpadded."""
+    if copied is not None:
+        copied.synchronize()
+    for name, metric in metrics.items():
+        pred, target = preds[name], batch[name]
+        present = labelled_mask(batch, name)  # samples without this task's label are skipped
+        if present is None and all(tuple(meta["size"]) == tuple(target.shape[-2:]) for meta in batch["meta"]):
+            metric.update(pred, target)  # nothing padded
+            continue
+        for index, meta in enumerate(batch["meta"]):
+            if present is not None and not present[index]:
                 continue
-            for index, meta in enumerate(batch["meta"]):
-                if present is not None and not present[index]:
-                    continue
-                height, width = meta["size"]
-                window = (slice(index, index + 1), Ellipsis, slice(0, height), slice(0, width))
-                metric.update(pred[window], target[window])
+            height, width = meta["size"]
+            window = (slice(index, index + 1), Ellipsis, slice(0, height), slice(0, width))
+            metric.update(pred[window], target[window])
 
 
 def evaluate_model(

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from densemtl.data.transforms import normalize_image
 from densemtl.engine.checkpoint import load_model
+from densemtl.engine.distributed import DistInfo, resolve_device
 from densemtl.errors import DataError, UserError
 from densemtl.tasks import Task
 
@@ -71,7 +72,7 @@ def predict_images(checkpoint: Path, images: list[Path], out: Path, device: str 
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:
         raise UserError(f"predict: several images are named {', '.join(duplicates)}; outputs would overwrite")
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = resolve_device(device or "auto", DistInfo())
     loaded = load_model(checkpoint, target)
     for path in images:  # before any is predicted
         check_image_path(Path(path))

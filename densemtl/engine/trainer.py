@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from densemtl.config import Config, to_dict
-from densemtl.data.base import collate
+from densemtl.data.base import collate, loader_options
 from densemtl.data.transforms import JointTransform, denormalize_image
 from densemtl.dataset_info import DatasetInfo
 from densemtl.engine import distributed
@@ -65,9 +65,12 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _move(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def _move(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
     non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+    moved = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if channels_last:
+        moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
+    return moved
 
 
 def _worker_error(err: UserError) -> UserError:
@@ -177,7 +180,7 @@ class Trainer:
         self.is_main = dist_info.is_main
         self.tasks = objective.tasks
 
-        self.model = model.to(device)
+        self.model = model.to(device, memory_format=torch.channels_last if config.train.channels_last else None)
         self.objective = objective.to(device)
         trainable = list(parameters) if parameters is not None else list(model.parameters())
         self._model_params = trainable
@@ -198,6 +201,7 @@ class Trainer:
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=config.train.find_unused_parameters,
             )
+        self.forward_model = torch.compile(self.model) if config.train.compile else self.model
         self.ema = WeightEMA(_unwrap(self.model), config.train.ema_decay) if config.train.ema_decay > 0 else None
         self._shared = shared_parameters(self.model)
         self.task_gradients = build_task_gradients(
@@ -215,13 +219,11 @@ class Trainer:
             train_set,
             batch_size=config.data.batch_size,
             sampler=self.sampler,
-            num_workers=config.data.num_workers,
             collate_fn=collate,
             drop_last=True,
-            pin_memory=device.type == "cuda",
             worker_init_fn=_seed_worker,
             generator=self.loader_generator,
-            persistent_workers=False,
+            **loader_options(config.data, device),
         )
         self.step = 0
         self.epoch = 0
@@ -282,7 +284,7 @@ class Trainer:
     def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, dict, TrainingDiverged | None]:
         try:
             with self._autocast():
-                output = self.model(batch["image"])
+                output = self.forward_model(batch["image"])
                 extra = self.loss_hook(self.model, output, batch) if self.loss_hook else None
                 total, figures = self.objective(output, batch, self.step, self._shared, extra)
             return total, figures, None
@@ -304,7 +306,7 @@ class Trainer:
         accumulate = self.train_cfg.accumulate
         sums: dict[str, torch.Tensor | float] = {}  # tensors: no device sync until they are logged
         for micro in range(accumulate):
-            batch = _move(self._next_batch(), self.device)
+            batch = _move(self._next_batch(), self.device, self.train_cfg.channels_last)
             self._probe = batch["image"][:1]
             total, figures, error = self._forward_loss(batch)
             if self.dist.enabled:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from densemtl.data.transforms import normalize_image
 from densemtl.engine.bench import deployed_cost
 from densemtl.engine.checkpoint import LoadedModel, checkpoint_config, load_checkpoint, model_from_state
+from densemtl.engine.distributed import DistInfo, resolve_device, synchronize
 from densemtl.engine.predict import read_image, save_predictions
 from densemtl.errors import ConfigError, DataError, UserError
 from densemtl.jsonio import write_json
@@ -73,8 +74,10 @@ def run_video(
         raise ConfigError(f"key 'sharing.keyframe_interval': must be >= 1, got {keyframe_interval}")
     previous = None
     for index, frame in enumerate(frames):
+        synchronize(frame.device)
         start = time.perf_counter()
         result = inference.run(frame, previous, keyframe=index % keyframe_interval == 0)
+        synchronize(frame.device)
         yield result, time.perf_counter() - start
         previous = result
 
@@ -84,7 +87,7 @@ def _video_config(checkpoint: Path, options: dict[str, float | int | None], devi
     state = load_checkpoint(checkpoint)
     overrides = [f"sharing.{key}={value}" for key, value in options.items() if value is not None]
     config = checkpoint_config(state, None, overrides)
-    return model_from_state(state, config, checkpoint, device or "cpu")
+    return model_from_state(state, config, checkpoint, resolve_device(device or "auto", DistInfo()))
 
 
 def _with_reuse(inference: VideoInference, images: list[torch.Tensor], interval: int
@@ -93,6 +96,7 @@ def _with_reuse(inference: VideoInference, images: list[torch.Tensor], interval:
     for index, (result, seconds) in enumerate(run_video(inference, images, interval)):
         start = time.perf_counter()
         full = inference.dense(images[index])
+        synchronize(images[index].device)
         full_seconds = time.perf_counter() - start
         yield result.pred, {
             "keyframe": index % interval == 0,
@@ -113,9 +117,11 @@ def _frame_by_frame(model: nn.Module, images: list[torch.Tensor], tasks: list[st
         size = tuple(image.shape[-2:])
         if size not in counted:
             counted[size] = deployed_cost(model, tasks, size)["gflops"]
+        synchronize(image.device)
         start = time.perf_counter()
         with torch.no_grad():
             raw = model(image)["pred"]
+        synchronize(image.device)
         yield raw, {"gflops": counted[size], "seconds": time.perf_counter() - start}
 
 

@@ -70,8 +70,13 @@ class CountMetric(ABC):
         """Sum the counts over all processes (a no-op outside torch.distributed)."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
+        # NCCL reduces GPU tensors only; the counts live on the CPU, where the metrics run
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
         for name in sorted(self.counts):
-            dist.all_reduce(self.counts[name], op=dist.ReduceOp.SUM)
+            counts = self.counts[name]
+            reduced = counts.to(device) if device is not None else counts
+            dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+            counts.copy_(reduced)
 
     def settings(self) -> dict[str, object]:
         """The choices its figures depend on beyond the data (thresholds, matcher...): result files record

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densemtl.errors import ConfigError
+from densemtl.models.checkpointing import checkpointed, enable_hf_checkpointing
 
 if TYPE_CHECKING:
     from densemtl.config import ModelConfig
@@ -44,15 +45,23 @@ class Backbone(nn.Module):
     def __init__(self, channels: list[int]) -> None:
         super().__init__()
         self.channels = list(channels)
+        self.checkpoint_whole = False  # recompute all of ``extract`` in the backward pass
 
     def extract(self, image: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def enable_checkpointing(self) -> None:
+        """Activation checkpointing (``model.gradient_checkpointing``): block by block where the Hugging Face
+        model supports it, else the whole encoder as one segment."""
+        self.checkpoint_whole = not enable_hf_checkpointing(getattr(self, "model", self))
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         height, width = image.shape[-2:]
         pad_h, pad_w = -height % self.size_divisor, -width % self.size_divisor
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h))
+        if self.checkpoint_whole and self.training and torch.is_grad_enabled():
+            return checkpointed(self.extract, self, image)
         return self.extract(image)
 
 
@@ -249,9 +258,17 @@ def build_backbone(model_config: ModelConfig) -> Backbone:
             getattr(parent, attribute).requires_grad_(False)
         else:
             setattr(parent, attribute, nn.Identity())
+    backbone = _wrap(model, family, model_config, interpolate_flag=family_name == "vit")
+    if model_config.gradient_checkpointing:
+        backbone.enable_checkpointing()
+    return backbone
+
+
+def _wrap(model: nn.Module, family: Family, model_config: ModelConfig, interpolate_flag: bool) -> Backbone:
+    """The :class:`Backbone` that turns ``model``'s outputs into the four feature maps."""
     if family.kind == "backbone":
         return HFBackbone(model)
     if family.kind == "hidden":
         return HiddenStateBackbone(model)
-    layers = _check_layers(model_config.feature_layers, config.num_hidden_layers)
-    return ViTBackbone(model, layers, interpolate_flag=family_name == "vit")
+    layers = _check_layers(model_config.feature_layers, model.config.num_hidden_layers)
+    return ViTBackbone(model, layers, interpolate_flag)

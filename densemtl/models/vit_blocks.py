@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densemtl.models.checkpointing import checkpointed
+
 Weights = dict[str, torch.Tensor]  # encoder parameter name ("pos", "blocks.0.qkv.weight", ...) -> tensor
 BLOCK_LINEARS = ("qkv", "proj", "fc1", "fc2")
 EMBED = "embed"
@@ -164,6 +166,7 @@ class ViTEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=NORM_EPS)
         self.linear_names = ["patch"] + [f"blocks.{i}.{n}" for i in range(depth) for n in BLOCK_LINEARS]
+        self.checkpointing = False  # recompute each block's activations in the backward pass
 
     def weights(self) -> Weights:
         """The base model's tensors that a sub-task may change: every parameter but the final norm's."""
@@ -193,15 +196,23 @@ class ViTEncoder(nn.Module):
         weights = executor.weights
         patches, grid = self.patchify(image)
         x = executor.embed(executor.linear("patch", patches) + self.position(grid, weights["pos"]))
-        for index in range(len(self.blocks)):
-            prefix = f"blocks.{index}"
-            h = executor.observe(f"{prefix}.norm1", self._norm(weights, f"{prefix}.norm1", x))
-            attended = executor.attention(f"{prefix}.attn", executor.linear(f"{prefix}.qkv", h), self.heads)
-            x = x + executor.linear(f"{prefix}.proj", attended)
-            h = executor.observe(f"{prefix}.norm2", self._norm(weights, f"{prefix}.norm2", x))
-            h = executor.observe(f"{prefix}.gelu", F.gelu(executor.linear(f"{prefix}.fc1", h)))
-            x = x + executor.linear(f"{prefix}.fc2", h)
+        checkpointing = self.checkpointing and torch.is_grad_enabled()
+        for index, block in enumerate(self.blocks):
+            if checkpointing:
+                x = checkpointed(self.block_forward, block, index, x, executor)
+            else:
+                x = self.block_forward(index, x, executor)
         return self.norm(x), grid
+
+    def block_forward(self, index: int, x: torch.Tensor, executor: Executor) -> torch.Tensor:
+        """Block ``index`` on the tokens ``x`` (B x N x D), with the executor's weights."""
+        weights, prefix = executor.weights, f"blocks.{index}"
+        h = executor.observe(f"{prefix}.norm1", self._norm(weights, f"{prefix}.norm1", x))
+        attended = executor.attention(f"{prefix}.attn", executor.linear(f"{prefix}.qkv", h), self.heads)
+        x = x + executor.linear(f"{prefix}.proj", attended)
+        h = executor.observe(f"{prefix}.norm2", self._norm(weights, f"{prefix}.norm2", x))
+        h = executor.observe(f"{prefix}.gelu", F.gelu(executor.linear(f"{prefix}.fc1", h)))
+        return x + executor.linear(f"{prefix}.fc2", h)
 
     def _norm(self, weights: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (self.dim,), weights[f"{name}.weight"], weights[f"{name}.bias"], NORM_EPS)

@@ -142,6 +142,7 @@ class SharingModel(nn.Module):
         self.encoder = ViTEncoder(
             dim, args["num_hidden_layers"], args["num_attention_heads"], args["intermediate_size"], patch, image_size
         )
+        self.encoder.checkpointing = model_config.gradient_checkpointing
         base = self.encoder.weights()
         if sharing.gated == "all":
             self.gated_names = list(base)
@@ -229,7 +230,8 @@ class SharingModel(nn.Module):
         return {name: self.deltas[task][_key(name)].effective() for name in self.gated_names}
 
     def expected_l0(self, task: str) -> torch.Tensor:
-        return sum((delta.expected_l0() for delta in self.deltas[task].values()), torch.zeros(()))
+        start = torch.zeros((), device=self.phase.device)
+        return sum((delta.expected_l0() for delta in self.deltas[task].values()), start)
 
     # ------------------------------------------------------------------ training forward
     def encode(self, image: torch.Tensor, task: str, record: bool = False) -> tuple[torch.Tensor, Any, DenseExecutor]:
