@@ -283,12 +283,16 @@ def test_representation_needs_one_micro_batch(tmp_path):
 
 
 def test_accumulated_micro_batches_combine_their_summed_gradients(tmp_path):
-    """Two micro-batches of 2 give the update of one batch of 4 (the per-task gradients are summed first)."""
+    """Two micro-batches of 2 give the update of one batch of 4 (the per-task gradients are summed first).
+
+    The two float32 sums run in different orders (and the CPU kernels may pick their order per run: a
+    relative difference of 3.6e-5 was once seen on a one-element tensor), hence 1e-4; averaging instead of
+    summing the micro-batches would be off by half."""
     common = ["loss.balancer=cagrad", "data.flip=false", "data.tasks=[semseg,depth]"]
     whole = _step_gradients(tmp_path, *common, "data.batch_size=4", model_class=GroupNormNet)
     halves = _step_gradients(tmp_path, *common, "data.batch_size=2", "train.accumulate=2", model_class=GroupNormNet)
     for name, grad in whole.items():
-        torch.testing.assert_close(halves[name], grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item())
+        torch.testing.assert_close(halves[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item())
 
 
 # --- mixed precision --------------------------------------------------------------------------------
