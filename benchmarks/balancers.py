@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from comparison import mean_sd, verdict
 
 # name -> extra overrides; mgda twice: its default (the representation) and on the shared parameters
 VARIANTS = {
@@ -91,12 +92,8 @@ def measure(config_path: str, overrides: list[str], steps: int, threads: int) ->
     }
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def _cell(values: list[float], digits: int) -> str:
-    mean, sd = _mean_sd(values)
+    mean, sd = mean_sd(values)
     return f"{mean:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
@@ -104,11 +101,7 @@ def noise_verdict(differences: list[float]) -> str:
     """``ahead``/``behind`` when every seed agrees in sign and the mean exceeds the differences' spread."""
     if len(differences) < 2:
         return "pending" if not differences else "one seed: not judged"
-    mean, sd = _mean_sd(differences)
-    same_sign = all(d > 0 for d in differences) or all(d < 0 for d in differences)
-    if same_sign and abs(mean) > sd:
-        return "ahead" if mean > 0 else "behind"
-    return "inside noise"
+    return verdict(differences)
 
 
 def compare(root: Path, references: Path, seeds: list[int], balancers: list[str]) -> dict:

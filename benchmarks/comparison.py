@@ -105,13 +105,13 @@ def train(variants: dict[str, Variant], label: str, seed: int, steps: int, root:
     return json.loads(result_file.read_text())["results"]
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
+def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def verdict(differences: list[float]) -> str:
     """``ahead``/``behind`` when every seed agrees in sign and the mean exceeds the spread, else noise."""
-    mean, sd = _mean_sd(differences)
+    mean, sd = mean_sd(differences)
     same_sign = all(d > 0 for d in differences) or all(d < 0 for d in differences)
     if len(differences) > 1 and same_sign and abs(mean) > sd:
         return "ahead" if mean > 0 else "behind"
@@ -156,7 +156,7 @@ def summarize(variants: dict[str, Variant], seeds: list[int], steps: int, root: 
 
 
 def _cell(values: list[float], digits: int, sign: str = "") -> str:
-    mean, sd = _mean_sd(values)
+    mean, sd = mean_sd(values)
     return f"{mean:{sign}.{digits}f} ± {sd:.{digits}f}"
 
 
