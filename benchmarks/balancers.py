@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from comparison import mean_sd, verdict
+from comparison import spread, verdict
 
 # name -> extra overrides; mgda twice: its default (the representation) and on the shared parameters
 VARIANTS = {
@@ -92,11 +92,6 @@ def measure(config_path: str, overrides: list[str], steps: int, threads: int) ->
     }
 
 
-def _cell(values: list[float], digits: int) -> str:
-    mean, sd = mean_sd(values)
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
-
-
 def noise_verdict(differences: list[float]) -> str:
     """``ahead``/``behind`` when every seed agrees in sign and the mean exceeds the differences' spread."""
     if len(differences) < 2:
@@ -134,12 +129,12 @@ def compare(root: Path, references: Path, seeds: list[int], balancers: list[str]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     reference = {t: [single[s][t][TASKS[t].primary_metric] for s in seeds] for t in tasks}
     lines.append(f"| single-task | {','.join(map(str, seeds))} | "
-                 + " | ".join(_cell(reference[t], 3 if t == "depth" else 2) for t in tasks) + " | 0 | | |")
+                 + " | ".join(spread(reference[t], 3 if t == "depth" else 2) for t in tasks) + " | 0 | | |")
     for name, row in rows.items():
         if not row["seeds"]:
             continue
         cells = [name, ",".join(map(str, row["seeds"])),
-                 *(_cell(row["primary"][t], 3 if t == "depth" else 2) for t in tasks), _cell(row["delta_m"], 2)]
+                 *(spread(row["primary"][t], 3 if t == "depth" else 2) for t in tasks), spread(row["delta_m"], 2)]
         paired = row["minus_fixed"]
         cells.append("" if name == "fixed" or not paired else
                      f"{statistics.mean(paired):+.2f} ({' / '.join(f'{d:+.2f}' for d in paired)})")

@@ -109,6 +109,12 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def spread(values: list[float], digits: int, sign: str = "") -> str:
+    """``mean ± std`` over seeds (the sample's std); the value alone for one seed."""
+    mean, sd = mean_sd(values)
+    return f"{mean:{sign}.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:{sign}.{digits}f}"
+
+
 def verdict(differences: list[float]) -> str:
     """``ahead``/``behind`` when every seed agrees in sign and the mean exceeds the spread, else noise."""
     mean, sd = mean_sd(differences)

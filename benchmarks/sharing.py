@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from comparison import spread
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -442,18 +443,10 @@ def write_doc(path: Path, text: str) -> None:
         path.write_text(f"{old}{BEGIN}\n{text}{END}\n")
 
 
-def _spread(values: list[float], digits: int, sign: str = "") -> str:
-    """``mean ± std`` over seeds (the std of the sample; no spread for one seed)."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return f"{mean:{sign}.{digits}f}"
-    return f"{mean:{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def _paired(differences: list[float]) -> str:
     """``mean ± std`` of per-seed differences; ``*`` when their 95 % t-interval excludes 0 (outside the seed
     noise), nothing when it contains 0; one seed: the difference alone, no verdict."""
-    text = _spread(differences, 2, "+")
+    text = spread(differences, 2, "+")
     if len(differences) < 2:
         return text
     half = T_975[len(differences) - 1] * statistics.stdev(differences) / math.sqrt(len(differences))
@@ -477,9 +470,9 @@ def aggregate(parts: list[dict[str, Any]], size: str) -> list[dict[str, Any]]:
 
 
 def _row_cells(row: dict[str, Any]) -> list[str]:
-    return [row["method"], _spread(row["stored_mb"], 2), _spread(row["gflops"], 3), _spread(row["gflops_ratio"], 2),
-            _spread(row["ms"], 1), _spread(row["ms_ratio"], 2), *(_spread(row[f"metric_{t}"], 3) for t in TASKS),
-            _spread(row["delta_m"], 2, "+")]
+    return [row["method"], spread(row["stored_mb"], 2), spread(row["gflops"], 3), spread(row["gflops_ratio"], 2),
+            spread(row["ms"], 1), spread(row["ms_ratio"], 2), *(spread(row[f"metric_{t}"], 3) for t in TASKS),
+            spread(row["delta_m"], 2, "+")]
 
 
 def markdown(parts: list[dict[str, Any]]) -> str:
@@ -502,8 +495,8 @@ def markdown(parts: list[dict[str, Any]]) -> str:
                       for row in sorted(good, key=lambda r: statistics.mean(r["gflops_ratio"]))[:8]]
         else:
             best = max((r for r in rows if r.get("mode")), key=lambda r: statistics.mean(r["delta_m"]))
-            spread = _spread(best["delta_m"], 2, "+")
-            lines.append(f"none; the best sharing setting is {best['method']} at Δm {spread} %")
+            best_delta = spread(best["delta_m"], 2, "+")
+            lines.append(f"none; the best sharing setting is {best['method']} at Δm {best_delta} %")
         lines += ["", *paired_lines(parts, size), "", *density_lines(parts, size), ""]
         lines += pending_lines(size, [s for s in SEEDS if s not in seeds])
     for size in (s for s in SIZES if not any(p["size"] == s for p in parts)):
@@ -551,7 +544,7 @@ def paired_lines(parts: list[dict[str, Any]], size: str) -> list[str]:
             ratio = [e["gflops"] / t["gflops"] for e, t in zip(rows["element"], rows["token"], strict=True)]
             lines.append(f"| {weight:g} | {tau:g} | {_paired([e - b for e, b in zip(element, base, strict=True)])} "
                          f"| {_paired([t - b for t, b in zip(token, base, strict=True)])} "
-                         f"| {_paired([e - t for e, t in zip(element, token, strict=True)])} | {_spread(ratio, 2)} |")
+                         f"| {_paired([e - t for e, t in zip(element, token, strict=True)])} | {spread(ratio, 2)} |")
     return lines
 
 
@@ -565,7 +558,7 @@ def density_lines(parts: list[dict[str, Any]], size: str) -> list[str]:
             row = next(r for r in part["rows"] if r.get("l0") == weight)
             for task, share in row["density"].items():
                 shares.setdefault(task, []).append(100 * share)
-        lines.append(f"| {weight:g} | " + " | ".join(_spread(shares[t], 2) + " %" for t in TASKS[1:]) + " |")
+        lines.append(f"| {weight:g} | " + " | ".join(spread(shares[t], 2) + " %" for t in TASKS[1:]) + " |")
     return lines
 
 
@@ -585,8 +578,8 @@ def video_lines(parts: list[dict[str, Any]]) -> list[str]:
              "| fewer than per frame (x) | Δm vs per frame (%) |", "|" + "---|" * 9]
     for (motion, model, mode, setting, tau_t, layers), entry in groups.items():
         lines.append(f"| {motion} | {model} | {mode} | {setting} | {'' if tau_t is None else tau_t} "
-                     f"| {'' if layers is None else layers} | {_spread(entry['gflops'], 3)} "
-                     f"| {_spread(entry['ratio'], 2)} | {_spread(entry['delta_m'], 2, '+')} |")
+                     f"| {'' if layers is None else layers} | {spread(entry['gflops'], 3)} "
+                     f"| {spread(entry['ratio'], 2)} | {spread(entry['delta_m'], 2, '+')} |")
     return lines
 
 
