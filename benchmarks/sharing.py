@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from comparison import spread
+from comparison import spread, verdict
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -80,7 +80,6 @@ VIDEO_MOTIONS = ("camera", "slow_camera", "static_camera")
 VIDEO_SETTINGS = ((0.1, 2), (0.3, 2), (0.3, 4))  # (temporal threshold, sub-task blocks on the base)
 VIDEO_CLIPS = 2  # clips of 16 frames per kind of motion
 SEEDS = (0, 1, 2)
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t, 97.5 % quantile, by degrees of freedom
 Predict = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], int]]
 INFO = synthetic_info()
 
@@ -444,13 +443,12 @@ def write_doc(path: Path, text: str) -> None:
 
 
 def _paired(differences: list[float]) -> str:
-    """``mean ± std`` of per-seed differences; ``*`` when their 95 % t-interval excludes 0 (outside the seed
-    noise), nothing when it contains 0; one seed: the difference alone, no verdict."""
+    """``mean ± std`` of per-seed differences with the verdict of the other results documents
+    (:func:`comparison.verdict`: ahead/behind when every seed agrees in sign and the mean exceeds the
+    spread); unmarked inside the seed noise; one seed: the difference alone, no verdict."""
     text = spread(differences, 2, "+")
-    if len(differences) < 2:
-        return text
-    half = T_975[len(differences) - 1] * statistics.stdev(differences) / math.sqrt(len(differences))
-    return text + (" *" if abs(statistics.mean(differences)) > half else "")
+    judged = verdict(differences) if len(differences) > 1 else "inside noise"
+    return text if judged == "inside noise" else f"{text} ({judged})"
 
 
 def aggregate(parts: list[dict[str, Any]], size: str) -> list[dict[str, Any]]:
@@ -532,7 +530,8 @@ def paired_lines(parts: list[dict[str, Any]], size: str) -> list[str]:
     seeds = sorted(by_seed)
     shared = "(b) shared encoder"
     lines = [f"Paired differences over seeds {seeds} (same seed, same test images; mean ± std of the per-seed "
-             "differences, * = the 95 % t-interval excludes 0, otherwise inside the seed noise):", "",
+             "differences; ahead/behind: every seed has the same sign and the mean exceeds the spread, "
+             "unmarked: inside the seed noise):", "",
              "| L0 weight | tau | Δm element − (b) | Δm token − (b) | Δm element − token "
              "| GFLOPs element / token |", "|" + "---|" * 6]
     for weight in L0_WEIGHTS:
