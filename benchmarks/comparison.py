@@ -115,10 +115,11 @@ def spread(values: list[float], digits: int, sign: str = "") -> str:
     return f"{mean:{sign}.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:{sign}.{digits}f}"
 
 
-def verdict(differences: list[float]) -> str:
-    """``ahead``/``behind`` when every seed agrees in sign and the mean exceeds the spread, else noise."""
+def verdict(differences: list[float], tie: float = 0.0) -> str:
+    """``ahead``/``behind`` when every seed agrees in sign and the mean exceeds the spread, else noise.
+    Differences within ``tie`` of 0 have no sign (variants equal up to rounding tie)."""
     mean, sd = mean_sd(differences)
-    same_sign = all(d > 0 for d in differences) or all(d < 0 for d in differences)
+    same_sign = all(d > tie for d in differences) or all(d < -tie for d in differences)
     if len(differences) > 1 and same_sign and abs(mean) > sd:
         return "ahead" if mean > 0 else "behind"
     return "inside noise"

@@ -447,7 +447,7 @@ def _paired(differences: list[float]) -> str:
     (:func:`comparison.verdict`: ahead/behind when every seed agrees in sign and the mean exceeds the
     spread); unmarked inside the seed noise; one seed: the difference alone, no verdict."""
     text = spread(differences, 2, "+")
-    judged = verdict(differences) if len(differences) > 1 else "inside noise"
+    judged = verdict(differences, tie=0.005) if len(differences) > 1 else "inside noise"  # 0.00 shown: no sign
     return text if judged == "inside noise" else f"{text} ({judged})"
 
 
@@ -599,7 +599,8 @@ def video_paired_lines(parts: list[dict[str, Any]]) -> list[str]:
             entry["ratio"].append(per_frame[(motion, model, mode)] / row["gflops"]
                                   - per_frame[(motion, other["model"], mode)] / other["gflops"])
             entry["delta_m"].append(row["delta_m"] - other["delta_m"])
-    lines = ["Temporal training minus no temporal training (paired by seed; * = outside the seed noise):", "",
+    lines = ["Temporal training minus no temporal training (paired by seed; ahead/behind as above, unmarked: inside "
+             "the seed noise):", "",
              "| clips | mode | tau_t | sub-task blocks on the base | reduction (x) difference | Δm difference (%) |",
              "|" + "---|" * 6]
     for (motion, mode, tau_t, layers), entry in pairs.items():
