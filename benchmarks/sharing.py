@@ -447,7 +447,7 @@ def _paired(differences: list[float]) -> str:
     (:func:`comparison.verdict`: ahead/behind when every seed agrees in sign and the mean exceeds the
     spread); unmarked inside the seed noise; one seed: the difference alone, no verdict."""
     text = spread(differences, 2, "+")
-    judged = verdict(differences, tie=0.005) if len(differences) > 1 else "inside noise"  # 0.00 shown: no sign
+    judged = verdict(differences, tie=0.005)  # a difference shown as 0.00 has no sign; one seed: no verdict
     return text if judged == "inside noise" else f"{text} ({judged})"
 
 
