@@ -20,12 +20,19 @@ NUM_BINS = int(round(180.0 / BIN_DEG))
 THRESHOLDS_DEG = {"11.25": 11.25, "22.5": 22.5, "30": 30.0}
 
 
+def _dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-pixel dot products of ``3 x N`` vectors (``einsum`` sums in an order that depends on the memory
+    layout, which is part of the figures' last bits: callers pass contiguous ``3 x N`` arrays)."""
+    return np.einsum("cn,cn->n", a, b)
+
+
 def angles_deg(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Angles (degrees) between ``3 x N`` prediction and ground-truth vectors, both normalised."""
-    pred_norm = np.maximum(np.sqrt(np.einsum("cn,cn->n", pred, pred)), 1e-12)
-    target_norm = np.sqrt(np.einsum("cn,cn->n", target, target))
-    cosine = np.einsum("cn,cn->n", pred, target) / (pred_norm * target_norm)
-    return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+    pred_norm = np.maximum(np.sqrt(_dots(pred, pred)), 1e-12)
+    cosine = _dots(pred, target)
+    cosine /= pred_norm * np.sqrt(_dots(target, target))
+    np.clip(cosine, -1.0, 1.0, out=cosine)
+    return np.degrees(np.arccos(cosine, out=cosine), out=cosine)
 
 
 def _vectors(normals: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -34,12 +41,10 @@ def _vectors(normals: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.moveaxis(as_numpy(normals, dtype), 1, 0).reshape(3, -1)
 
 
-def _valid_vectors(normals: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """The float64 ``3 x len(valid)`` vectors at the flat indices ``valid`` of a ``3 x N`` map, laid out
-    pixel by pixel as boolean indexing lays them out (``einsum`` sums in an order that depends on the
-    layout, so the layout is part of the figures' last bits). Taken in the map's own precision first:
-    float32 -> float64 is exact."""
-    return normals.T.take(valid, axis=0).T.astype(np.float64)
+def _valid_vectors(normals: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """The float64 ``3 x len(valid)`` vectors (contiguous) at the flat indices ``valid`` (None: all) of a
+    ``3 x N`` map. Taken in the map's own precision first: float32 -> float64 is exact."""
+    return (normals if valid is None else normals[:, valid]).astype(np.float64)
 
 
 class NormalsMetric(CountMetric):
@@ -56,7 +61,8 @@ class NormalsMetric(CountMetric):
         if pred.ndim != 4 or pred.shape[1] != 3:
             raise ValueError(f"normals: expected B x 3 x H x W, got {tuple(pred.shape)}")
         pred, target = _vectors(pred), _vectors(target)
-        valid = np.flatnonzero((target[0] != 0) | (target[1] != 0) | (target[2] != 0))
+        valid = (target[0] != 0) | (target[1] != 0) | (target[2] != 0)
+        valid = None if valid.all() else np.flatnonzero(valid)
         angles = angles_deg(_valid_vectors(pred, valid), _valid_vectors(target, valid))
         self.add("sums", [angles.sum(), np.square(angles).sum()])
         self.add("within", [np.count_nonzero(angles < t) for t in THRESHOLDS_DEG.values()])
