@@ -21,3 +21,10 @@ def as_tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
     """A tensor sharing the memory of ``value`` where it can (an array is made contiguous first); a tensor
     is returned as it is."""
     return torch.as_tensor(np.ascontiguousarray(value) if isinstance(value, np.ndarray) else value)
+
+
+def all_finite(values: torch.Tensor | np.ndarray) -> bool:
+    """Whether every value is finite. Read from the sum first (a finite sum has finite terms: one cheap pass
+    over a whole map); every value is checked only when the sum is not finite (NaN, inf or an overflow)."""
+    module = torch if isinstance(values, torch.Tensor) else np
+    return bool(module.isfinite(values.sum())) or bool(module.isfinite(values).all())

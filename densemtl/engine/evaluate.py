@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from densemtl.arrays import all_finite
 from densemtl.config import (
     Config,
     DataConfig,
@@ -289,8 +290,7 @@ def _check_prediction(task: Task, path: Path, pred: torch.Tensor, target: torch.
     expected = tuple(target.shape[-2:])
     if tuple(pred.shape[-2:]) != expected:
         return f"{path}: prediction size {tuple(pred.shape[-2:])}, ground truth {expected} (H, W)"
-    # any task's, class maps read as floats too; a finite sum has finite terms (the full check only otherwise)
-    if pred.is_floating_point() and not torch.isfinite(pred.sum()) and not torch.isfinite(pred).all():
+    if pred.is_floating_point() and not all_finite(pred):  # any task's, class maps read as floats too
         return f"{path}: holds NaN or infinite values ({int((~torch.isfinite(pred)).sum())} of {pred.numel()})"
     if isinstance(task, ClassMapTask):
         bad = pred[(pred < 0) | (pred >= task.num_classes)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from densemtl.arrays import as_numpy
+from densemtl.arrays import all_finite, as_numpy
 from densemtl.metrics.base import CountMetric, check_shapes
 
 MIN_DEPTH = 1e-9
@@ -42,20 +42,20 @@ class DepthMetric(CountMetric):
         if not valid.all():
             pred, target = pred[valid], target[valid]
         pred, target = pred.astype(np.float64), target.astype(np.float64)
-        if not np.isfinite(pred.sum()) and not np.isfinite(pred).all():  # a finite sum has finite terms
+        if not all_finite(pred):
             raise ValueError("depth prediction holds NaN or infinite values")
         np.maximum(pred, MIN_DEPTH, out=pred)
         ratio = np.maximum(pred / target, target / pred)
         error = pred - target
-        abs_log10 = np.log10(pred)
-        abs_log10 -= np.log10(target)
+        log_error = np.log10(pred)
+        log_error -= np.log10(target)
         self.add("pixels", pred.size)
         self.add(
             "errors",
             [
                 np.sum(np.square(error)),
                 np.sum(np.divide(np.abs(error, out=error), target, out=error)),
-                np.sum(np.abs(abs_log10, out=abs_log10)),
+                np.sum(np.abs(log_error, out=log_error)),
             ],
         )
         self.add("within", [np.count_nonzero(ratio < 1.25**k) for k in (1, 2, 3)])
